@@ -1,0 +1,1 @@
+"""eaglecache.data: conversations to a tokenized, loss-masked Parquet set; regeneration; draft vocab."""

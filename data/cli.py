@@ -1,0 +1,40 @@
+"""``eaglecache data prepare|regenerate|vocab``: the data stage's commands."""
+
+from eaglecache.cli import add_command
+
+
+def _prepare(config, args):
+    from eaglecache.data.prepare import run_prepare
+
+    return run_prepare(config, args)
+
+
+def _regenerate(config, args):
+    from eaglecache.data.regenerate import run_regenerate
+
+    return run_regenerate(config, args)
+
+
+def _vocab(config, args):
+    from eaglecache.data.vocab import run_vocab
+
+    return run_vocab(config, args)
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="Prepare conversations: tokenize and mask, regenerate, draft vocab.")
+    sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    p = add_command(sub, "prepare", _prepare,
+                    "Tokenize conversations with the target's chat template into a loss-masked Parquet set.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="ShareGPT JSON, messages JSONL or Parquet files.")
+    p.add_argument("--output", required=True, metavar="DIR", help="Parquet dataset directory to write.")
+    p = add_command(sub, "regenerate", _regenerate,
+                    "Replace every assistant turn with the target's own answer (vLLM), turn by turn.")
+    p.add_argument("--input", required=True, metavar="PATH", help="Conversations (any format prepare reads).")
+    p.add_argument("--output", required=True, metavar="PATH", help="Messages JSONL file to write.")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="Regenerate only the first N conversations.")
+    p = add_command(sub, "vocab", _vocab,
+                    "Build the reduced draft vocabulary (d2t/t2d) from loss-masked token frequencies.")
+    p.add_argument("--input", required=True, metavar="DIR", help="Prepared Parquet dataset.")
+    p.add_argument("--output", required=True, metavar="PATH", help="Vocab mapping file (.safetensors) to write.")

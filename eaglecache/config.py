@@ -1,0 +1,111 @@
+"""The typed configuration schema, YAML loading and dotted command-line overrides.
+
+Every stage declares its own section (``data/config.py``, ``precompute/config.py``,
+``train/config.py``, ``serve/config.py``); this module composes them with the
+``target`` section they all share. A config file is YAML; overrides are
+``section.key=value`` strings whose values are parsed as YAML scalars. Unknown
+keys, wrong types and missing files raise ``UserError`` naming the key or path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import Field, ValidationError
+
+from eaglecache.data.config import DataConfig
+from eaglecache.errors import UserError
+from eaglecache.section import Section
+from eaglecache.precompute.config import PrecomputeConfig
+from eaglecache.serve.config import ServeConfig
+from eaglecache.train.config import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+class TargetConfig(Section):
+    path: Optional[str] = Field(
+        None, description="HF-format target directory; null builds and uses the embedded tiny target."
+    )
+    weights_prefix: str = Field(
+        "", description="Prefix of the text model's tensors in the checkpoint, e.g. 'language_model.' for MiniMax-M3."
+    )
+    dtype: str = Field("bfloat16", description="Dtype the target runs in (vLLM and transformers).")
+    max_model_len: Optional[int] = Field(
+        None, description="Context length given to vLLM; null uses data.max_seq_length."
+    )
+
+
+class Config(Section):
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none), for artifact provenance."""
+        full = self.to_dict()
+        picked = {k: full[k] for k in sections} if sections else full
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` and parse the value as a YAML scalar or flow list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {key}: cannot parse value {raw!r} ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key: {where}"
+    if err["type"] == "missing":
+        return f"missing config key: {where}"
+    return f"config key {where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (configs/tiny.yaml when ``path`` is None) and apply dotted overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path}: top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {_format_validation_error(exc)}") from None

@@ -1,0 +1,42 @@
+"""``eaglecache precompute`` and ``eaglecache cache info|verify``: the precompute stage's commands."""
+
+from eaglecache.cli import add_command
+
+
+def _precompute(config, args):
+    from eaglecache.precompute.run import run_precompute
+
+    return run_precompute(config, args)
+
+
+def _info(config, args):
+    from eaglecache.precompute.tools import run_info
+
+    return run_info(config, args)
+
+
+def _verify(config, args):
+    from eaglecache.precompute.tools import run_verify
+
+    return run_verify(config, args)
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "precompute", _precompute,
+                    "Run the target in vLLM over a prepared data set and write its hidden states to a Zarr cache.")
+    p.add_argument("--input", required=True, metavar="DIR", help="Prepared Parquet dataset (eaglecache data prepare).")
+    p.add_argument("--output", required=True, metavar="DIR", help="Cache directory (shared by all shard jobs).")
+    p.add_argument("--shard-index", type=int, default=None, metavar="I",
+                   help="This job's part, 0..num_shards-1 (overrides precompute.shard_index).")
+    p.add_argument("--num-shards", type=int, default=None, metavar="N",
+                   help="Number of independent jobs splitting the data set (overrides precompute.num_shards).")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="Only the first N samples (smoke tests).")
+
+    cache = subparsers.add_parser("cache", help="Inspect and check a feature cache.")
+    sub = cache.add_subparsers(dest="cache_command", metavar="COMMAND", required=True)
+    p = add_command(sub, "info", _info, "Print what a cache holds: samples, tokens, layers, codec, provenance.")
+    p.add_argument("cache", metavar="DIR", help="Cache directory.")
+    p = add_command(sub, "verify", _verify,
+                    "Re-read every shard: shapes, write-time checksums, no NaN/Inf. Exits non-zero on damage.")
+    p.add_argument("cache", metavar="DIR", help="Cache directory.")
+    p.add_argument("--repair", action="store_true", help="Re-queue damaged samples for the next precompute run.")

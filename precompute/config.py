@@ -1,0 +1,29 @@
+"""Config of the precompute stage: the vLLM engine, which layers to dump, the store codec."""
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from eaglecache.section import Section
+
+
+class PrecomputeConfig(Section):
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size of the target.")
+    aux_layer_ids: Optional[list[int]] = Field(
+        None, description="Target layer ids whose outputs feed the draft; null uses vLLM's (2, L//2, L-3)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
+    )
+    batch_size: int = Field(64, ge=1, description="Samples sent to vLLM per call.")
+    shard_tokens: int = Field(
+        65536, ge=1, description="Target tokens per shard; a shard is written once, as a unit."
+    )
+    chunk_tokens: int = Field(1024, ge=1, description="Tokens per Zarr chunk inside a shard (the read unit).")
+    codec: Literal["none", "zstd", "blosc-zstd"] = Field("zstd", description="Lossless compression codec.")
+    codec_level: int = Field(1, ge=0, le=22, description="Compression level of the codec.")
+    fp8: bool = Field(
+        False, description="Lossy: store states as FP8 e4m3 with a per-token scale (breaks bit-equivalence)."
+    )
+    num_shards: int = Field(1, ge=1, description="Number of independent precompute jobs the data set is split into.")
+    shard_index: int = Field(0, ge=0, description="Which of the num_shards parts this job writes.")

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's test command: installs eaglecache with its test tools, then runs the suite.
+# pytest exits 5 when it collected no test; that is a failure here, not a pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test || exit 1
+export TOKENIZERS_PARALLELISM=false
+python -m pytest -q "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
+exit "$rc"

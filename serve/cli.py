@@ -1,0 +1,46 @@
+"""``eaglecache export|bench|serve|demo``: the serve stage's commands."""
+
+from eaglecache.cli import add_command
+
+
+def _export(config, args):
+    from eaglecache.serve.export import run_export
+
+    return run_export(config, args)
+
+
+def _bench(config, args):
+    from eaglecache.serve.bench import run_bench
+
+    return run_bench(config, args)
+
+
+def _serve(config, args):
+    from eaglecache.serve.server import run_serve
+
+    return run_serve(config, args)
+
+
+def _demo(config, args):
+    from eaglecache.serve.demo import run_demo
+
+    return run_demo(config, args)
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "export", _export, "Turn a training checkpoint into a draft directory vLLM loads.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="Training run directory or checkpoint.")
+    p.add_argument("--output", required=True, metavar="DIR", help="Draft directory to write.")
+    p = add_command(subparsers, "bench", _bench,
+                    "Measure acceptance (mean accept length, draft accept rate, per-position rate) in vLLM.")
+    p.add_argument("--draft", required=True, metavar="DIR", help="Exported draft directory.")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="SET",
+                   help="Prompt sets: 'humaneval', 'sharegpt-heldout', or JSONL files of prompts/messages.")
+    p.add_argument("--output", required=True, metavar="DIR", help="Where results.md, results.json and the plot go.")
+    p = add_command(subparsers, "serve", _serve, "Start `vllm serve` for the target with the draft.")
+    p.add_argument("--draft", required=True, metavar="DIR", help="Exported draft directory.")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="Port to listen on.")
+    p.add_argument("--host", default=None, help="Address to bind (default serve.host, loopback).")
+    p = add_command(subparsers, "demo", _demo,
+                    "End to end on the embedded tiny target: data, regenerate, precompute, train, export, bench.")
+    p.add_argument("--output", required=True, metavar="DIR", help="Working directory for every stage's output.")

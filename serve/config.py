@@ -1,0 +1,20 @@
+"""Config of the serve stage: speculative decoding settings, the benchmark, the server."""
+
+from typing import Optional
+
+from pydantic import Field
+
+from eaglecache.section import Section
+
+
+class ServeConfig(Section):
+    num_speculative_tokens: int = Field(3, ge=1, description="Draft tokens proposed per target step.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size when serving/benchmarking.")
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Tokens generated per benchmark prompt.")
+    temperature: float = Field(0.0, ge=0.0, description="Benchmark sampling temperature; 0 is greedy.")
+    max_prompts: Optional[int] = Field(None, ge=1, description="Cap on prompts per benchmark set.")
+    host: str = Field("127.0.0.1", description="Address `eaglecache serve` binds; loopback unless told otherwise.")
+    api_key_env: str = Field("EAGLECACHE_API_KEY", description="Environment variable holding the server API key.")

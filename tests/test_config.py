@@ -1,0 +1,108 @@
+"""The config schema and the command line: clear errors, exit code 2, dotted overrides."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eaglecache.cli import build_parser, main
+from eaglecache.config import DEFAULT_CONFIG, load_config
+from eaglecache.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_loads_and_overrides_apply():
+    config = load_config(None, ["train.lr=2e-4", "precompute.tensor_parallel_size=4",
+                                "precompute.aux_layer_ids=[1,2,3]"])
+    assert config.train.lr == 2e-4
+    assert config.precompute.tensor_parallel_size == 4
+    assert config.precompute.aux_layer_ids == [1, 2, 3]
+    assert load_config(None).train.lr != 2e-4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_minimax_config_holds_the_seed_settings():
+    config = load_config(REPO / "configs" / "minimax_m3" / "train.yaml")
+    assert config.precompute.tensor_parallel_size == 4
+    assert config.precompute.aux_layer_ids == [2, 30, 57]
+    assert config.train.ttt_length == 7 and config.train.lr == 1e-4
+    assert config.train.warmup_ratio == 0.02 and config.train.max_grad_norm == 1.0
+    assert config.train.global_batch_size == 32 and config.train.gradient_checkpointing
+    assert config.data.max_seq_length == 32768 and config.serve.num_speculative_tokens == 3
+    assert config.target.weights_prefix == "language_model."
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.nope=1"], "unknown config key: train.nope"),
+        (["train.lr=abc"], "config key train.lr"),
+        (["train.ttt_length=0"], "config key train.ttt_length"),
+        (["bogus"], "expected section.key=value"),
+        (["train.lr.x=1"], "train.lr"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(bad)
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(UserError, match="train.lr"):
+        load_config(bad)
+
+
+def test_cli_bad_config_is_one_line_and_exit_2(capsys):
+    assert main(["train", "--output", "x", "train.nope=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train.nope" in err and "\n" not in err
+
+
+def test_overrides_after_a_multi_value_flag_are_not_taken_as_inputs():
+    args = build_parser().parse_args(["data", "prepare", "--output", "o", "--input", "a.json", "data.max_seq_length=64"])
+    from eaglecache.cli import _collect_overrides
+
+    _collect_overrides(args)
+    assert args.input == ["a.json"] and args.overrides == ["data.max_seq_length=64"]
+
+
+def _leaf_commands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, child in sub.choices.items():
+        nested = [a for a in child._actions if getattr(a, "choices", None) and a.dest.endswith("_command")]
+        if nested:
+            for leaf in nested[0].choices:
+                yield [name, leaf]
+        else:
+            yield [name]
+
+
+def test_help_of_every_command_works():
+    commands = list(_leaf_commands())
+    assert ["train"] in commands and ["data", "prepare"] in commands and ["cache", "verify"] in commands
+    for command in [[]] + commands:
+        out = subprocess.run([sys.executable, "-m", "eaglecache.cli", *command, "--help"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (command, out.stderr)
+        assert "usage: eaglecache" in out.stdout
+
+
+def test_default_config_is_the_tiny_one():
+    assert DEFAULT_CONFIG.name == "tiny.yaml" and DEFAULT_CONFIG.is_file()

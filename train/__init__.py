@@ -1,0 +1,1 @@
+"""eaglecache.train: DeepSpeed ZeRO-3 training of the EAGLE3 draft with TTT, streaming from the cache."""

@@ -1,0 +1,54 @@
+"""Config of the train stage: draft architecture, TTT, optimizer, DeepSpeed, loader, logging."""
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from eaglecache.section import Section
+
+
+class DraftConfig(Section):
+    intermediate_size: Optional[int] = Field(None, ge=1, description="Draft MLP width; null uses the target's.")
+    num_attention_heads: Optional[int] = Field(None, ge=1, description="Draft heads; null uses the target's.")
+    num_key_value_heads: Optional[int] = Field(None, ge=1, description="Draft KV heads; null uses the target's.")
+    aux_layer_ids: Optional[list[int]] = Field(
+        None, description="Aux layers feeding the draft (a subset of the cache's); null uses all three stored."
+    )
+
+
+class LauncherConfig(Section):
+    num_gpus: int = Field(2, ge=1, description="Processes per node (GPUs, or CPU ranks with DS_ACCELERATOR=cpu).")
+    num_nodes: int = Field(1, ge=1, description="Nodes; >1 needs a hostfile.")
+    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile for multi-node runs.")
+    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port.")
+
+
+class TrainConfig(Section):
+    source: Literal["cache", "online"] = Field(
+        "cache", description="Read features from the Zarr cache, or compute them live with the target."
+    )
+    ttt_length: int = Field(7, ge=1, description="TTT depth: draft steps unrolled per position in training.")
+    ttt_decay: float = Field(0.8, gt=0.0, description="Weight of TTT step k is ttt_decay**k.")
+    lr: float = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    warmup_ratio: float = Field(0.02, ge=0.0, lt=1.0, description="Fraction of steps of linear warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Training precision.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step, over all ranks.")
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per rank per forward.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the cache.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_seq_length: Optional[int] = Field(None, ge=8, description="Tokens per packed sequence; null uses data's.")
+    loss_chunk_tokens: int = Field(2048, ge=1, description="Positions per chunk of the LM-head loss.")
+    seed: int = Field(0, description="Seed of weights init, data order and dropout.")
+    checkpoint_interval: int = Field(1000, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    log_interval: int = Field(10, ge=1, description="Optimizer steps between metric logs.")
+    loader_workers: int = Field(2, ge=0, description="Background threads reading and decoding the cache.")
+    prefetch: int = Field(4, ge=1, description="Batches read ahead of the step.")
+    subset_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Deterministic fraction of samples to train on.")
+    draft: DraftConfig = Field(default_factory=DraftConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
