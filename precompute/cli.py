@@ -21,6 +21,12 @@ def _verify(config, args):
     return run_verify(config, args)
 
 
+def _plan(config, args):
+    from eaglecache.precompute.plan import run_plan
+
+    return run_plan(config, args)
+
+
 def register(subparsers) -> None:
     p = add_command(subparsers, "precompute", _precompute,
                     "Run the target in vLLM over a prepared data set and write its hidden states to a Zarr cache.")
@@ -40,3 +46,17 @@ def register(subparsers) -> None:
                     "Re-read every shard: shapes, write-time checksums, no NaN/Inf. Exits non-zero on damage.")
     p.add_argument("cache", metavar="DIR", help="Cache directory.")
     p.add_argument("--repair", action="store_true", help="Re-queue damaged samples for the next precompute run.")
+
+    p = add_command(subparsers, "plan", _plan,
+                    "Storage and bandwidth plan of a cache: tokens, bytes per codec, shards, write/read rates.")
+    p.add_argument("--dataset", metavar="DIR", default=None, help="Prepared data set (exact token count).")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N", help="Samples, without --dataset.")
+    p.add_argument("--mean-tokens", type=float, default=None, metavar="M", help="Mean tokens per sample.")
+    p.add_argument("--hidden-size", type=int, default=None, help="Target hidden size (default: target config).")
+    p.add_argument("--num-layers", type=int, default=None, help="Target decoder layers (default: target config).")
+    p.add_argument("--precompute-tokens-per-s", type=float, default=50_000.0, metavar="R",
+                   help="Precompute throughput the write rate is computed for (all jobs together).")
+    p.add_argument("--train-tokens-per-s", type=float, default=100_000.0, metavar="R",
+                   help="Training throughput the read rate is computed for (all ranks together).")
+    p.add_argument("--cache", metavar="DIR", default=None, help="Existing cache to measure the codec ratio on.")
+    p.add_argument("--output", metavar="DIR", default=None, help="Planned cache path: warn if it will not fit.")

@@ -1,0 +1,139 @@
+"""``eaglecache plan``: storage and bandwidth planning for a feature cache, before any GPU runs.
+
+Bytes per token follow the store format (precompute/FORMAT.md): int32 input id,
+uint8 loss mask, and (num_aux + 1) * hidden_size bf16 values (half that in FP8
+mode, plus a float32 scale per stored row). Lossless codecs are given as ratios:
+measured on a real cache when ``--cache`` is passed, otherwise the nominal
+figures of design-notes section 7 (labelled as such). Every figure printed can
+be checked by hand from the ones printed above it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from eaglecache.errors import UserError
+
+# Compression ratios of bf16 activations measured on synthetic data (design-notes section 7):
+# estimates only; pass --cache to measure on a real cache.
+NOMINAL_CODEC_RATIOS = {"none": 1.0, "zstd": 1.28, "blosc-zstd": 1.41}
+GB = 1e9
+TB = 1e12
+
+
+@dataclass(frozen=True)
+class StoragePlan:
+    num_samples: int
+    num_tokens: int
+    hidden_size: int
+    num_aux_layers: int
+    shard_tokens: int
+    fp8: bool
+
+    @property
+    def states_per_token(self) -> int:
+        return (self.num_aux_layers + 1) * self.hidden_size
+
+    @property
+    def raw_bytes_per_token(self) -> int:
+        ids_and_mask = 4 + 1
+        if self.fp8:
+            return ids_and_mask + self.states_per_token + 4 * (self.num_aux_layers + 1)
+        return ids_and_mask + 2 * self.states_per_token
+
+    @property
+    def raw_bytes(self) -> int:
+        return self.num_tokens * self.raw_bytes_per_token
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_tokens / self.shard_tokens)
+
+    def bytes_on_disk(self, codec_ratio: float) -> float:
+        return self.raw_bytes / codec_ratio
+
+    def rate_bytes_per_s(self, tokens_per_s: float, codec_ratio: float) -> float:
+        return tokens_per_s * self.raw_bytes_per_token / codec_ratio
+
+
+def _target_dims(path: str | None) -> tuple[int, int, int]:
+    """(hidden_size, vocab_size, num_hidden_layers) from a target's config.json (text part of a VL config)."""
+    if path is None:
+        from eaglecache.target import resolve_target
+        from eaglecache.config import load_config
+
+        path = str(resolve_target(load_config(None)))
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"no config.json in target {path}; pass --hidden-size and --num-layers instead")
+    config = json.loads(config_path.read_text())
+    text = config.get("text_config") or config
+    return text["hidden_size"], text.get("vocab_size", 0), text["num_hidden_layers"]
+
+
+def _dataset_counts(dataset: str) -> tuple[int, int]:
+    from eaglecache.data.schema import open_dataset
+
+    meta = open_dataset(dataset).metadata
+    return int(meta["num_samples"]), int(meta["num_tokens"])
+
+
+def run_plan(config, args) -> int:
+    if args.dataset:
+        num_samples, num_tokens = _dataset_counts(args.dataset)
+    elif args.num_samples and args.mean_tokens:
+        num_samples, num_tokens = args.num_samples, int(round(args.num_samples * args.mean_tokens))
+    else:
+        raise UserError("give --dataset DIR, or --num-samples N and --mean-tokens M")
+    if args.hidden_size and args.num_layers:
+        hidden_size, num_layers = args.hidden_size, args.num_layers
+    else:
+        hidden_size, _, num_layers = _target_dims(config.target.path)
+    aux_ids = config.precompute.aux_layer_ids or [2, num_layers // 2, num_layers - 3]
+    plan = StoragePlan(num_samples, num_tokens, hidden_size, len(aux_ids), config.precompute.shard_tokens,
+                       config.precompute.fp8)
+    ratios, measured = dict(NOMINAL_CODEC_RATIOS), False
+    if args.cache:
+        from eaglecache.precompute.store import measured_codec_ratio
+
+        ratios[config.precompute.codec] = measured_codec_ratio(args.cache)
+        measured = True
+
+    lines = [
+        f"samples                {plan.num_samples:,}",
+        f"tokens                 {plan.num_tokens:,}",
+        f"hidden size            {plan.hidden_size}  (aux layers {aux_ids} + final layer {num_layers})",
+        f"bytes per token (raw)  {plan.raw_bytes_per_token:,}  = 4 (id) + 1 (mask) + "
+        + (f"{plan.states_per_token} (fp8) + {4 * (plan.num_aux_layers + 1)} (scales)" if plan.fp8
+           else f"2 x {len(aux_ids) + 1} x {hidden_size} (bf16)"),
+        f"raw size               {plan.raw_bytes / TB:,.3f} TB",
+        f"shards                 {plan.num_shards:,}  ({plan.shard_tokens:,} tokens, "
+        f"{plan.shard_tokens * plan.raw_bytes_per_token / GB:.2f} GB raw each)",
+        "",
+        f"{'codec':<12}{'ratio':>8}{'on disk TB':>14}{'write GB/s':>12}{'read GB/s':>12}",
+    ]
+    for codec, ratio in ratios.items():
+        note = " (measured)" if measured and codec == config.precompute.codec else " (nominal)"
+        lines.append(
+            f"{codec:<12}{ratio:>8.2f}{plan.bytes_on_disk(ratio) / TB:>14,.3f}"
+            f"{plan.rate_bytes_per_s(args.precompute_tokens_per_s, ratio) / GB:>12.3f}"
+            f"{plan.rate_bytes_per_s(args.train_tokens_per_s, ratio) / GB:>12.3f}{note}"
+        )
+    lines.append(f"write rate at {args.precompute_tokens_per_s:,.0f} tokens/s of precompute, "
+                 f"read rate at {args.train_tokens_per_s:,.0f} tokens/s of training")
+    print("\n".join(lines))
+
+    if args.output:
+        needed = plan.bytes_on_disk(ratios[config.precompute.codec])
+        probe = Path(args.output)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if needed > free:
+            print(f"warning: the cache needs {needed / TB:,.3f} TB with codec {config.precompute.codec} "
+                  f"but {probe} has {free / TB:,.3f} TB free")
+    return 0
