@@ -28,7 +28,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_minimax_config_holds_the_seed_settings():
-    config = load_config(REPO / "configs" / "minimax_m3" / "train.yaml")
+    config = load_config(REPO / "configs" / "minimax_m3" / "config.yaml")
     assert config.precompute.tensor_parallel_size == 4
     assert config.precompute.aux_layer_ids == [2, 30, 57]
     assert config.train.ttt_length == 7 and config.train.lr == 1e-4

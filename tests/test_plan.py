@@ -5,7 +5,7 @@ from pathlib import Path
 from eaglecache.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-SEED = ["--config", str(REPO / "configs/minimax_m3/train.yaml"), "--num-samples", "456881",
+SEED = ["--config", str(REPO / "configs/minimax_m3/config.yaml"), "--num-samples", "456881",
         "--mean-tokens", "4096", "--hidden-size", "6144", "--num-layers", "60"]
 
 
