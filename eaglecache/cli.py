@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     from eaglecache.precompute import cli as precompute_cli
     from eaglecache.serve import cli as serve_cli
     from eaglecache.train import cli as train_cli
-    from eaglecache import target_cli
+    from eaglecache import config_cli, target_cli
 
     parser = argparse.ArgumentParser(
         prog="eaglecache",
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (data_cli, precompute_cli, train_cli, serve_cli, target_cli):
+    for module in (data_cli, precompute_cli, train_cli, serve_cli, target_cli, config_cli):
         module.register(subparsers)
     return parser
 
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `eaglecache ... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -106,3 +106,11 @@ def test_help_of_every_command_works():
 
 def test_default_config_is_the_tiny_one():
     assert DEFAULT_CONFIG.name == "tiny.yaml" and DEFAULT_CONFIG.is_file()
+
+
+def test_config_show_prints_resolved_values_with_their_docs(capsys):
+    assert main(["config", "show", "train.lr=3e-4"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.strip().startswith("lr:"))
+    assert "0.0003" in line and "# Peak AdamW learning rate." in line
+    assert "  launcher:" in out and "num_gpus: 2" in out
