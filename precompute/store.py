@@ -1,0 +1,446 @@
+"""The feature cache format (``eaglecache.cache`` v1): shard writer, part manifest and reader.
+
+A cache is one ``cache.json`` (format, version, metadata) and parts written by
+independent jobs; each part has a ``part.json`` listing the shards it has
+committed. A shard is a Zarr v3 group of whole samples, written once under a
+temporary name and renamed into place; only then is it recorded (with
+checksums of every array taken at write time) in ``part.json``, which is
+itself replaced atomically. So a crashed job leaves only a temporary directory
+behind, which the next run of the same part removes, and a shard that is in the
+manifest is complete. The layout is documented in precompute/FORMAT.md.
+
+Bits are kept exactly: bf16 states are stored as their uint16 bits (zarr has no
+bfloat16). Every array uses zarr's sharding codec with one shard per array
+(one file) and inner chunks of ``chunk_tokens`` tokens, so a read touches only
+the chunks of the sample it wants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+import zlib
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from eaglecache.errors import UserError
+
+FORMAT = "eaglecache.cache"
+PART_FORMAT = "eaglecache.cache.part"
+VERSION = 1
+CACHE_FILE = "cache.json"
+PART_FILE = "part.json"
+PARTS_DIR = "parts"
+STATE_ARRAYS = ("aux", "final")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+
+
+def use_fast_codec_pipeline() -> bool:
+    """Route zarr's codecs through the Rust ``zarrs`` pipeline when it is installed (3-5x faster here)."""
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return False
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+    return True
+
+
+@contextmanager
+def _consolidated_metadata():
+    """One metadata file per shard instead of one per array; zarr warns that this is not in the v3 spec yet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
+
+
+def part_name(part_index: int, num_parts: int) -> str:
+    return f"part-{part_index:05d}-of-{num_parts:05d}"
+
+
+def shard_name(shard_index: int) -> str:
+    return f"shard-{shard_index:05d}.zarr"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def checksum(array: np.ndarray) -> str:
+    """CRC-32 of an array's C-order bytes: cheap (several GB/s) and enough to catch damaged bytes."""
+    return f"crc32:{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
+
+
+def bf16_bits(states: torch.Tensor | np.ndarray) -> np.ndarray:
+    """bf16 tensor (or its uint16 bits) -> uint16 numpy array of the same bits, no copy when possible."""
+    if isinstance(states, np.ndarray):
+        if states.dtype != np.uint16:
+            raise ValueError(f"expected uint16 bf16 bits, got {states.dtype}")
+        return states
+    if states.dtype != torch.bfloat16:
+        raise ValueError(f"expected a bfloat16 tensor, got {states.dtype}")
+    return states.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+
+
+def quantize_fp8(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LOSSY: bf16 bits [..., H] -> (e4m3 bits uint8 [..., H], float32 scale [...]) with one scale per row."""
+    x = bits_to_bf16(bits).float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    q = (x / scale).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).numpy(), scale.squeeze(-1).numpy()
+
+
+def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn).float()
+    return (x * torch.from_numpy(np.ascontiguousarray(scale)).unsqueeze(-1)).to(torch.bfloat16)
+
+
+def _compressors(codec: str, level: int, itemsize: int):
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return ZstdCodec(level=level)
+    if codec == "blosc-zstd":
+        return BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="bitshuffle", typesize=itemsize)
+    raise UserError(f"unknown codec {codec!r} (expected none, zstd or blosc-zstd)")
+
+
+@dataclass
+class Sample:
+    """One sample's features: tokens and mask as in the prepared data set (unshifted), states in bf16."""
+
+    input_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # uint8 [T]
+    aux: torch.Tensor  # bf16 [T, A, H]
+    final: torch.Tensor  # bf16 [T, H], layer L's output before the final norm
+    sample_id: int = -1
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_shard(path: Path, samples: list[tuple[int, dict[str, np.ndarray]]], *, codec: str,
+                codec_level: int, chunk_tokens: int, fp8: bool) -> dict[str, Any]:
+    """Write one shard of whole samples ONCE under a temporary name, then rename it to ``path``.
+
+    ``samples`` holds ``(sample_id, arrays)`` with arrays ``input_ids`` int32 [T],
+    ``loss_mask`` uint8 [T], ``aux`` uint16 [T, A, H] and ``final`` uint16 [T, H]
+    (bf16 bits). Returns the record that goes into part.json.
+    """
+    samples = sorted(samples, key=lambda s: s[0])
+    lengths = np.array([len(a["input_ids"]) for _, a in samples], dtype=np.int64)
+    arrays: dict[str, np.ndarray] = {
+        "input_ids": np.concatenate([a["input_ids"] for _, a in samples]).astype(np.int32, copy=False),
+        "loss_mask": np.concatenate([a["loss_mask"] for _, a in samples]).astype(np.uint8, copy=False),
+    }
+    for name in STATE_ARRAYS:
+        bits = np.concatenate([a[name] for _, a in samples])
+        if fp8:
+            arrays[name], arrays[f"{name}_scale"] = quantize_fp8(bits)
+        else:
+            arrays[name] = bits
+    num_tokens = int(lengths.sum())
+    arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    arrays["sample_ids"] = np.array([sid for sid, _ in samples], dtype=np.int64)
+
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    group = zarr.open_group(tmp, mode="w", zarr_format=3,
+                            attributes={"format": FORMAT, "version": VERSION, "fp8": fp8})
+    for name, data in arrays.items():
+        per_token = name not in ("offsets", "sample_ids")
+        if per_token:
+            # one inner chunk = chunk_tokens tokens; one shard (file) = the whole array
+            chunks = (chunk_tokens,) + data.shape[1:]
+            shards = (-(-num_tokens // chunk_tokens) * chunk_tokens,) + data.shape[1:]
+        else:
+            chunks, shards = data.shape, None
+        array = group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
+            compressors=_compressors(codec, codec_level, data.dtype.itemsize) if per_token else None,
+            fill_value=0,
+        )
+        array[...] = data
+    with _consolidated_metadata():
+        zarr.consolidate_metadata(tmp)
+    os.rename(tmp, path)
+    return {
+        "name": path.name,
+        "num_samples": len(samples),
+        "num_tokens": num_tokens,
+        "sample_ids": arrays["sample_ids"].tolist(),
+        "sample_num_tokens": lengths.tolist(),
+        "checksums": {name: checksum(data) for name, data in arrays.items()},
+        "shapes": {name: list(data.shape) for name, data in arrays.items()},
+        "nbytes": _dir_size(path),
+    }
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class PartWriter:
+    """Buffers samples and commits them as shards of about ``shard_tokens`` tokens into one part.
+
+    One job owns one part (``part-IIIII-of-NNNNN``); nothing else writes into it.
+    Opening an existing part resumes it: shards already in part.json stay, leftover
+    temporary directories of a crashed run are removed, and ``committed`` lists the
+    samples that need not be computed again.
+    """
+
+    def __init__(self, cache_dir: str | Path, part_index: int, num_parts: int, metadata: dict[str, Any],
+                 sample_range: tuple[int, int] | None = None):
+        use_fast_codec_pipeline()
+        self.dir = Path(cache_dir) / PARTS_DIR / part_name(part_index, num_parts)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metadata = metadata
+        self.fp8 = metadata["dtype"] == "fp8_e4m3"
+        self.num_aux = len(metadata["aux_layer_ids"])
+        self.hidden_size = metadata["hidden_size"]
+        for leftover in self.dir.glob("*.tmp-*"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        path = self.dir / PART_FILE
+        if path.exists():
+            self.record = json.loads(path.read_text())
+            if self.record.get("cache_fingerprint") != fingerprint(metadata):
+                raise UserError(f"{self.dir}: written with other settings than {CACHE_FILE}; remove it to redo it")
+        else:
+            self.record = {"format": PART_FORMAT, "version": VERSION, "part_index": part_index,
+                           "num_parts": num_parts, "cache_fingerprint": fingerprint(metadata),
+                           "sample_range": list(sample_range) if sample_range else None,
+                           "complete": False, "shards": [], "skipped": []}
+        self.committed = {sid for shard in self.record["shards"] for sid in shard["sample_ids"]}
+        self._buffer: list[tuple[int, dict[str, np.ndarray]]] = []
+        self._buffered_tokens = 0
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.record["complete"])
+
+    def add(self, sample_id: int, input_ids, loss_mask, aux, final) -> None:
+        """Queue one sample (aux bf16 [T, A, H], final bf16 [T, H]); writes a shard when one is full."""
+        arrays = {"input_ids": np.asarray(input_ids, dtype=np.int32), "loss_mask": np.asarray(loss_mask, dtype=np.uint8),
+                  "aux": bf16_bits(aux), "final": bf16_bits(final)}
+        num_tokens = len(arrays["input_ids"])
+        expected = {"loss_mask": (num_tokens,), "aux": (num_tokens, self.num_aux, self.hidden_size),
+                    "final": (num_tokens, self.hidden_size)}
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                raise ValueError(f"sample {sample_id}: {name} has shape {arrays[name].shape}, expected {shape}")
+        if self._buffer and self._buffered_tokens + num_tokens > self.metadata["shard_tokens"]:
+            self.flush()
+        self._buffer.append((int(sample_id), arrays))
+        self._buffered_tokens += num_tokens
+
+    def skip(self, sample_id: int, reason: str) -> None:
+        """Record a sample that is not stored (e.g. NaN/Inf states); saved with the next commit."""
+        self.record["skipped"].append({"sample_id": int(sample_id), "reason": reason})
+
+    def flush(self) -> dict[str, Any] | None:
+        """Write the buffered samples as one shard and record it in part.json."""
+        if not self._buffer:
+            self._save()
+            return None
+        index = len(self.record["shards"])
+        shard = write_shard(self.dir / shard_name(index), self._buffer, codec=self.metadata["codec"],
+                            codec_level=self.metadata["codec_level"], chunk_tokens=self.metadata["chunk_tokens"],
+                            fp8=self.fp8)
+        self.record["shards"].append(shard)
+        self.committed.update(sid for sid, _ in self._buffer)
+        self._buffer, self._buffered_tokens = [], 0
+        self._save()
+        return shard
+
+    def close(self, complete: bool = True) -> dict[str, Any]:
+        """Commit what is buffered; mark the part complete (all its samples done) unless told otherwise."""
+        self.flush()
+        self.record["complete"] = complete
+        self._save()
+        return self.record
+
+    def _save(self) -> None:
+        write_json_atomic(self.dir / PART_FILE, self.record)
+
+
+def fingerprint(metadata: dict[str, Any]) -> str:
+    """sha256 of the cache metadata: every part records it, so parts of different caches never mix."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+
+
+def create_or_check_cache(cache_dir: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write cache.json for a new cache, or check that an existing one was made with the same settings.
+
+    Independent jobs of one cache all call this with identical metadata, so the
+    race between them is harmless (the same bytes are renamed into place).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / CACHE_FILE
+    if path.exists():
+        existing = _read_cache_json(path)["metadata"]
+        if existing != metadata:
+            keys = sorted(k for k in set(existing) | set(metadata) if existing.get(k) != metadata.get(k))
+            raise UserError(f"{cache_dir} holds a cache made with other settings (differs in: {', '.join(keys)}); "
+                            "use another --output or remove it")
+    else:
+        write_json_atomic(path, {"format": FORMAT, "version": VERSION, "metadata": metadata})
+    return path
+
+
+def _read_cache_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable cache.json ({exc.__class__.__name__})") from None
+    if doc.get("format") != FORMAT:
+        raise UserError(f"{path}: not an eaglecache feature cache (format {doc.get('format')!r})")
+    if doc.get("version") != VERSION:
+        raise UserError(f"{path}: cache format version {doc.get('version')!r} is not supported (this code reads v{VERSION})")
+    return doc
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_parts(cache_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(part dir, part.json record) of every part present, in part order; never writes."""
+    parts = []
+    for part_json in sorted((Path(cache_dir) / PARTS_DIR).glob(f"part-*/{PART_FILE}")):
+        try:
+            record = json.loads(part_json.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{part_json}: unreadable ({exc.__class__.__name__})") from None
+        if record.get("format") != PART_FORMAT or record.get("version") != VERSION:
+            raise UserError(f"{part_json}: part format {record.get('format')!r} v{record.get('version')!r} "
+                            f"is not supported (this code reads {PART_FORMAT} v{VERSION})")
+        parts.append((part_json.parent, record))
+    return parts
+
+
+class FeatureCache:
+    """Read-only view of all parts of a cache as one: ``read(sample_id)`` touches only that sample's chunks.
+
+    The index (which shard, which token range) comes from the part.json files, so
+    opening a cache reads no array data. Shards are opened lazily and a few are
+    kept open. Picklable (data-loader workers reopen shards themselves).
+    """
+
+    max_open_shards = 64
+
+    def __init__(self, path: str | Path, allow_partial: bool = False):
+        use_fast_codec_pipeline()
+        self.path = Path(path)
+        if not (self.path / CACHE_FILE).is_file():
+            raise UserError(f"{self.path}: no {CACHE_FILE} (not a feature cache, or precompute has not started)")
+        self.metadata: dict[str, Any] = _read_cache_json(self.path / CACHE_FILE)["metadata"]
+        self.fp8 = self.metadata["dtype"] == "fp8_e4m3"
+        self.parts = read_parts(self.path)
+        self._check_parts(allow_partial)
+        self.skipped = [s for _, record in self.parts for s in record["skipped"]]
+        self.shard_paths: list[Path] = []
+        ids, shard_of, starts, lengths = [], [], [], []
+        for part_dir, record in self.parts:
+            for shard in record["shards"]:
+                n = np.asarray(shard["sample_num_tokens"], dtype=np.int64)
+                ids.append(np.asarray(shard["sample_ids"], dtype=np.int64))
+                shard_of.append(np.full(len(n), len(self.shard_paths), dtype=np.int32))
+                starts.append(np.cumsum(n) - n)
+                lengths.append(n)
+                self.shard_paths.append(part_dir / shard["name"])
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+        ids = cat(ids, np.int64)
+        order = np.argsort(ids, kind="stable")
+        self.sample_ids = ids[order]
+        if len(self.sample_ids) and (np.diff(self.sample_ids) == 0).any():
+            dup = self.sample_ids[1:][np.diff(self.sample_ids) == 0][0]
+            raise UserError(f"{self.path}: sample {dup} is stored in more than one shard")
+        self._shard_of = cat(shard_of, np.int32)[order]
+        self._start = cat(starts, np.int64)[order]
+        self._length = cat(lengths, np.int64)[order]
+        self._open: OrderedDict[int, Any] = OrderedDict()
+
+    def _check_parts(self, allow_partial: bool) -> None:
+        want = fingerprint(self.metadata)
+        for part_dir, record in self.parts:
+            if record["cache_fingerprint"] != want:
+                raise UserError(f"{part_dir}: belongs to a cache with other settings than {self.path / CACHE_FILE}")
+        num_parts = self.metadata["num_parts"]
+        done = {r["part_index"] for _, r in self.parts if r["complete"] and r["num_parts"] == num_parts}
+        missing = [i for i in range(num_parts) if i not in done]
+        if missing and not allow_partial:
+            raise UserError(f"{self.path}: incomplete cache, parts {missing} of {num_parts} are missing or unfinished "
+                            f"(run precompute --shard-index I --num-shards {num_parts} for them)")
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self._length.sum())
+
+    def _find(self, sample_id: int) -> int:
+        i = int(np.searchsorted(self.sample_ids, sample_id))
+        if i == len(self.sample_ids) or self.sample_ids[i] != sample_id:
+            raise KeyError(f"sample {sample_id} is not in the cache")
+        return i
+
+    def num_tokens(self, sample_id: int) -> int:
+        return int(self._length[self._find(sample_id)])
+
+    def num_tokens_array(self) -> np.ndarray:
+        """Tokens of every stored sample, in ``sample_ids`` order."""
+        return self._length.copy()
+
+    def shard(self, index: int):
+        """The opened Zarr group of shard ``index`` (kept in a small LRU)."""
+        group = self._open.get(index)
+        if group is None:
+            with _consolidated_metadata():
+                group = zarr.open_group(self.shard_paths[index], mode="r", use_consolidated=True)
+            self._open[index] = group
+            if len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(index)
+        return group
+
+    def read(self, sample_id: int) -> Sample:
+        i = self._find(sample_id)
+        group = self.shard(int(self._shard_of[i]))
+        rows = slice(int(self._start[i]), int(self._start[i] + self._length[i]))
+        states = {}
+        for name in STATE_ARRAYS:
+            if self.fp8:
+                states[name] = dequantize_fp8(group[name][rows], group[f"{name}_scale"][rows])
+            else:
+                states[name] = bits_to_bf16(group[name][rows])
+        return Sample(input_ids=group["input_ids"][rows], loss_mask=group["loss_mask"][rows],
+                      aux=states["aux"], final=states["final"], sample_id=int(sample_id))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+
+def open_cache(path: str | Path, allow_partial: bool = False) -> FeatureCache:
+    """Open a cache read-only as one logical store over all its parts (refuses unknown versions)."""
+    return FeatureCache(path, allow_partial=allow_partial)
