@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", nargs="+", required=True, metavar="SET",
                    help="Prompt sets: 'humaneval', 'sharegpt-heldout', or JSONL files of prompts/messages.")
     p.add_argument("--output", required=True, metavar="DIR", help="Where results.md, results.json and the plot go.")
+    p.add_argument("--untrained-baseline", action="store_true",
+                   help="Also benchmark a randomly initialised draft of the same shape (the no-training reference).")
     p = add_command(subparsers, "serve", _serve, "Start `vllm serve` for the target with the draft.")
     p.add_argument("--draft", required=True, metavar="DIR", help="Exported draft directory.")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="Port to listen on.")

@@ -13,8 +13,15 @@ class ServeConfig(Section):
     gpu_memory_utilization: float = Field(
         0.2, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
     )
+    enforce_eager: Optional[bool] = Field(
+        None, description="vLLM eager mode; null: eager on CPU (graph compilation there takes minutes), graphs on GPU."
+    )
     max_new_tokens: int = Field(256, ge=1, description="Tokens generated per benchmark prompt.")
     temperature: float = Field(0.0, ge=0.0, description="Benchmark sampling temperature; 0 is greedy.")
+    seed: int = Field(0, description="Seed of benchmark sampling and of the untrained baseline draft's weights.")
     max_prompts: Optional[int] = Field(None, ge=1, description="Cap on prompts per benchmark set.")
     host: str = Field("127.0.0.1", description="Address `eaglecache serve` binds; loopback unless told otherwise.")
     api_key_env: str = Field("EAGLECACHE_API_KEY", description="Environment variable holding the server API key.")
+    served_model_name: Optional[str] = Field(
+        None, description="Model name the server answers to; null uses the target directory's name."
+    )

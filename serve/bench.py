@@ -1,0 +1,202 @@
+"""`eaglecache bench`: acceptance and speed of exported drafts in vLLM, per prompt set, like the model card.
+
+One offline vLLM engine per configuration, each started once for all prompt sets: the target
+alone (the speed baseline and the reference outputs), then the target with each draft. For each
+set the spec-decode counters are read before and after `generate`, so every row is that set's
+own delta. Greedy decoding is lossless, so with temperature 0 every draft's outputs are compared
+token for token with the target's and the count of identical ones is reported.
+
+Writes OUTPUT/results.json (everything, with provenance), results.md (the table),
+acceptance.png (per-position acceptance) and re-renders the draft's README.md with its rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eaglecache.errors import UserError
+from eaglecache.serve import engine, prompts
+from eaglecache.serve.card import render_model_card, results_table
+from eaglecache.serve.export import build_untrained_draft, read_export, resolve_target_dir
+from eaglecache.serve.metrics import SpecCounters, counters_from_metrics
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT, RESULTS_VERSION = "eaglecache.bench", 1
+UNTRAINED = "untrained"
+
+
+@dataclass
+class SetRun:
+    """What one engine did on one prompt set."""
+    outputs: list[list[int]]
+    seconds: float
+    counters: SpecCounters
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+
+def run_engine(settings: dict[str, Any], prompt_sets: list[prompts.PromptSet], sampling: dict[str, Any],
+               title: str) -> list[SetRun]:
+    """Start one vLLM engine, generate every prompt set, shut the engine down."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    log.info("starting vLLM: %s", title)
+    llm = LLM(**settings)
+    try:
+        runs = []
+        for prompt_set in prompt_sets:
+            requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_set.token_ids]
+            before = counters_from_metrics(llm.get_metrics())
+            start = time.perf_counter()
+            results = llm.generate(requests, SamplingParams(**sampling), use_tqdm=True)
+            seconds = time.perf_counter() - start
+            counters = counters_from_metrics(llm.get_metrics()) - before
+            runs.append(SetRun([list(r.outputs[0].token_ids) for r in results], seconds, counters))
+        return runs
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def _row(label: str, prompt_set: prompts.PromptSet, run: SetRun, baseline: SetRun, greedy: bool) -> dict[str, Any]:
+    tokens_per_s = run.num_output_tokens / run.seconds if run.seconds else None
+    baseline_tokens_per_s = baseline.num_output_tokens / baseline.seconds if baseline.seconds else None
+    row = {"draft": label, "prompt_set": prompt_set.name, "n": len(prompt_set.token_ids),
+           "skipped_too_long": prompt_set.skipped_too_long, **run.counters.acceptance(),
+           "num_output_tokens": run.num_output_tokens, "seconds": run.seconds,
+           "tokens_per_s": tokens_per_s, "baseline_tokens_per_s": baseline_tokens_per_s,
+           "speedup": tokens_per_s / baseline_tokens_per_s if tokens_per_s and baseline_tokens_per_s else None}
+    if greedy:
+        row["identical_to_target"] = sum(a == b for a, b in zip(run.outputs, baseline.outputs))
+    return row
+
+
+def benchmark(config, target_dir: Path, drafts: dict[str, Path], prompt_sets: list[prompts.PromptSet]) -> dict[str, Any]:
+    """Run the target alone and with each draft over the prompt sets; the results document."""
+    serve = config.serve
+    max_len = engine.serving_max_model_len(config, target_dir)
+    prompts.render_prompt_sets(prompt_sets, target_dir, max_len - serve.max_new_tokens)
+    sampling = {"temperature": serve.temperature, "max_tokens": serve.max_new_tokens, "seed": serve.seed}
+    greedy = serve.temperature == 0.0
+    baseline = run_engine(engine.engine_settings(config, target_dir, None), prompt_sets, sampling,
+                          "target alone (speed baseline, reference outputs)")
+    rows = []
+    for label, draft_dir in drafts.items():
+        runs = run_engine(engine.engine_settings(config, target_dir, draft_dir), prompt_sets, sampling,
+                          f"target + draft {label!r}")
+        rows += [_row(label, s, r, b, greedy) for s, r, b in zip(prompt_sets, runs, baseline)]
+    import vllm
+
+    return {
+        "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
+        "target_path": str(target_dir), "vllm_version": vllm.__version__,
+        "num_speculative_tokens": serve.num_speculative_tokens, "temperature": serve.temperature,
+        "max_new_tokens": serve.max_new_tokens, "max_model_len": max_len,
+        "drafts": {label: {"path": str(path), **_draft_identity(path)} for label, path in drafts.items()},
+        "prompt_sets": [{"name": s.name, "source": s.source, "n": len(s.token_ids),
+                         "skipped_too_long": s.skipped_too_long, "sha256": s.sha256()} for s in prompt_sets],
+        "config": config.to_dict(), "config_fingerprint": config.fingerprint("target", "serve"),
+        "rows": rows,
+    }
+
+
+def _draft_identity(path: Path) -> dict[str, Any]:
+    _, meta = read_export(path)
+    return {"source": meta.get("source"), "weights_sha256": meta.get("weights_sha256")}
+
+
+def plot_acceptance(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = results["num_speculative_tokens"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in results["rows"]:
+        if row["per_position_accept_rate"]:
+            ax.plot(range(1, k + 1), row["per_position_accept_rate"], marker="o",
+                    label=f"{row['draft']} / {row['prompt_set']} (len {row['mean_accept_length']:.2f})")
+    ax.set(xlabel="draft position", ylabel="accepted share of drafts", ylim=(0, 1.02), xticks=range(1, k + 1),
+           title=f"EAGLE3 per-position acceptance, {k} speculative tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    mode = "greedy" if not results["temperature"] else f"temperature {results['temperature']}"
+    lines = [f"# Acceptance of EAGLE3 drafts on `{results['target_path']}`\n",
+             f"vLLM {results['vllm_version']}, {results['num_speculative_tokens']} speculative tokens, {mode}, "
+             f"up to {results['max_new_tokens']} new tokens per prompt.\n",
+             results_table(results["rows"], results["num_speculative_tokens"])]
+    checked = [r for r in results["rows"] if "identical_to_target" in r]
+    if checked:
+        lines.append("Greedy outputs identical to the target alone: " + ", ".join(
+            f"{r['draft']}/{r['prompt_set']} {r['identical_to_target']}/{r['n']}" for r in checked) + ".\n")
+    skipped = [s for s in results["prompt_sets"] if s["skipped_too_long"]]
+    if skipped:
+        lines.append("Prompts skipped as longer than the context allows: " + ", ".join(
+            f"{s['name']} {s['skipped_too_long']}" for s in skipped) + ".\n")
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], output: Path) -> None:
+    """results.json, results.md and acceptance.png, each written whole then renamed into place."""
+    output.mkdir(parents=True, exist_ok=True)
+    _write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
+    _write_text(output / "results.md", results_markdown(results))
+    tmp_png = output / f".acceptance.tmp-{os.getpid()}.png"
+    plot_acceptance(results, tmp_png)
+    tmp_png.replace(output / "acceptance.png")
+
+
+def update_model_card(draft_dir: Path, label: str, results: dict[str, Any]) -> None:
+    """Re-render the draft's README.md with its own rows of the results."""
+    config, meta = read_export(draft_dir)
+    if not meta:
+        return
+    own = {**results, "rows": [r for r in results["rows"] if r["draft"] == label]}
+    _write_text(draft_dir / "README.md", render_model_card(config, meta, meta.get("training"), own))
+
+
+def run_bench(config, args) -> int:
+    target_dir = resolve_target_dir(config)
+    draft_dir = Path(args.draft).resolve()
+    draft_config, meta = read_export(draft_dir)
+    engine.check_draft_fits_target(draft_config, target_dir)
+    output = Path(args.output)
+    prompt_sets = [prompts.load_prompt_set(name, target_dir, config.serve.max_prompts) for name in args.prompts]
+    label = "trained" if meta.get("source") == "training run" else draft_dir.name
+    drafts = {label: draft_dir}
+    if getattr(args, "untrained_baseline", False):
+        aux = draft_config["eagle_aux_hidden_state_layer_ids"]
+        drafts[UNTRAINED] = build_untrained_draft(target_dir, output / "untrained-draft", config.serve.seed, aux,
+                                                  engine.serving_max_model_len(config, target_dir))
+    results = benchmark(config, target_dir, drafts, prompt_sets)
+    write_results(results, output)
+    update_model_card(draft_dir, label, results)
+    print(results_table(results["rows"], results["num_speculative_tokens"]))
+    print(f"results: {output / 'results.md'}, {output / 'results.json'}, {output / 'acceptance.png'}; "
+          f"model card updated: {draft_dir / 'README.md'}")
+    return 0
