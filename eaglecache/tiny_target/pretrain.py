@@ -21,27 +21,27 @@ RENDER_BATCH = 64  # conversations tokenized per call
 MAX_CONVERSATION_TOKENS = 1024  # a cap so a few very long chats do not fill the whole budget
 
 
-def pack_conversations(tokenizer, conversations: Iterable[tuple[str, list[dict]]], num_sequences: int,
-                       seq_len: int, separator_id: int) -> tuple[torch.Tensor, list[str]]:
+def pack_conversations(tokenizer, conversations: Iterable[tuple[int, str, list[dict]]], num_sequences: int,
+                       seq_len: int, separator_id: int) -> tuple[torch.Tensor, list[int]]:
     """Render and tokenize conversations until ``num_sequences`` windows of ``seq_len`` are full.
 
-    Returns the windows ``[num_sequences, seq_len]`` and the ids of the conversations used.
+    Returns the windows ``[num_sequences, seq_len]`` and the record indices of the conversations used.
     """
     needed = num_sequences * seq_len
     stream: list[int] = []
-    used: list[str] = []
-    pending: list[tuple[str, list[dict]]] = []
+    used: list[int] = []
+    pending: list[tuple[int, str, list[dict]]] = []
 
     def flush() -> None:
-        texts = [tokenizer.apply_chat_template(m, tokenize=False) for _, m in pending]
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for _, _, m in pending]
         # The Rust tokenizer directly: same ids, no per-call overhead or over-length warnings.
         encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-        for (record_id, _), ids in zip(pending, (e.ids for e in encodings)):
+        for (record_index, _, _), ids in zip(pending, (e.ids for e in encodings)):
             if len(stream) >= needed:
                 break
             stream.extend(ids[:MAX_CONVERSATION_TOKENS])
             stream.append(separator_id)
-            used.append(record_id)
+            used.append(record_index)
         pending.clear()
 
     for item in conversations:

@@ -44,7 +44,7 @@ class TinyTargetSpec:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_sequences: int = 32  # held-out sequences of seq_len for the loss report
+    eval_sequences: int = 16  # held-out sequences of seq_len for the loss report
     num_threads: int = 2
 
     def to_dict(self) -> dict:
