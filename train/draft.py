@@ -1,0 +1,222 @@
+"""The EAGLE3 draft: one Llama decoder layer on [embedding, fc(aux states)], in vLLM's tensor names.
+
+Parameter names are exactly those vLLM's ``LlamaForCausalLMEagle3`` loads
+(docs/formats.md section 4): ``fc``, ``midlayer.{input_layernorm, hidden_norm,
+self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.*}``, ``norm`` and, for a
+reduced vocabulary only, ``lm_head``. The layer mirrors vLLM's forward: q/k/v
+read 2*H inputs ``[input_layernorm(embed), hidden_norm(h)]``, the residual is
+``h`` itself, and the layer's pre-norm output is both what the next TTT step
+carries and, after ``norm``, what the LM head reads. RoPE comes from the
+target's config through transformers' own rotary code, so every RoPE variant the
+target uses is reproduced.
+
+The frozen target embedding / final norm / LM head live in ``target`` as
+buffers (train/target_head.py). ``forward`` is the TTT training loss (train/ttt.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eaglecache.train.attention import ttt_attention
+from eaglecache.train.target_head import TargetHead, rms_norm
+
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
+
+
+@dataclass
+class DraftArch:
+    """The draft's architecture; written to final/draft.json, read back by export."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    target_num_hidden_layers: int
+    aux_layer_ids: list[int]
+    max_position_embeddings: int
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rope: dict[str, Any] = field(default_factory=dict)  # the target's RoPE keys, copied verbatim
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("rope"))  # RoPE keys at the top level, as in an HF config
+        return out
+
+    @classmethod
+    def from_target(cls, target: dict[str, Any], aux_layer_ids: list[int], draft_vocab_size: Optional[int] = None,
+                    intermediate_size: Optional[int] = None, num_attention_heads: Optional[int] = None,
+                    num_key_value_heads: Optional[int] = None) -> "DraftArch":
+        hidden, heads = target["hidden_size"], target["num_attention_heads"]
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=intermediate_size or target["intermediate_size"],
+            num_attention_heads=num_attention_heads or heads,
+            num_key_value_heads=num_key_value_heads or target.get("num_key_value_heads") or heads,
+            head_dim=target.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(target.get("rms_norm_eps", 1e-6)),
+            vocab_size=target["vocab_size"],
+            draft_vocab_size=draft_vocab_size or target["vocab_size"],
+            target_hidden_size=hidden,
+            target_num_hidden_layers=target["num_hidden_layers"],
+            aux_layer_ids=list(aux_layer_ids),
+            max_position_embeddings=target.get("max_position_embeddings", 4096),
+            hidden_act=target.get("hidden_act", "silu"),
+            initializer_range=target.get("initializer_range", 0.02),
+            rope={k: target[k] for k in ROPE_KEYS if target.get(k) is not None},
+        )
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.draft_vocab_size < self.vocab_size
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of the target's RoPE, computed by transformers' LlamaRotaryEmbedding."""
+
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        config = LlamaConfig(hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
+                             head_dim=arch.head_dim, max_position_embeddings=arch.max_position_embeddings,
+                             **arch.rope)
+        self.rotary = LlamaRotaryEmbedding(config)
+
+    def forward(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, device=like.device)[None]
+        cos, sin = self.rotary(like, positions)
+        return cos[0], sin[0]  # [length, head_dim]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, d]; cos/sin [T, d]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
+        in_features = 2 * arch.hidden_size
+        self.q_proj = nn.Linear(in_features, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, arch.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, keys: list[torch.Tensor], values: list[torch.Tensor], implementation: str):
+        """Returns (output [B, T, H], this step's key, value [B, kv_heads, T, d])."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, cos, sin).transpose(1, 2)
+        k = apply_rotary(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        out = ttt_attention(q, [*keys, k], [*values, v], implementation)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        if arch.hidden_act != "silu":
+            raise ValueError(f"draft MLP supports hidden_act 'silu', not {arch.hidden_act!r}")
+        self.gate_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    """vLLM's EAGLE3 decoder layer (norm after residual): returns the pre-norm output h'."""
+
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.hidden_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def forward(self, embeds, hidden, cos, sin, keys, values, implementation: str):
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        attn, key, value = self.self_attn(x, cos, sin, keys, values, implementation)
+        residual = hidden + attn
+        return residual + self.mlp(self.post_attention_layernorm(residual)), key, value
+
+
+class Eagle3Draft(nn.Module):
+    """The trainable draft plus the frozen target head; ``forward`` returns the TTT loss and stats."""
+
+    def __init__(self, arch: DraftArch, target: TargetHead, d2t: Optional[torch.Tensor] = None):
+        super().__init__()
+        from eaglecache.train.ttt import LMHeadLoss
+
+        self.arch = arch
+        self.fc = nn.Linear(arch.target_hidden_size * len(arch.aux_layer_ids), arch.hidden_size, bias=False)
+        self.midlayer = MidLayer(arch)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.rotary = Rotary(arch)
+        self.target = target
+        self.lm_head = LMHeadLoss(arch, target, d2t)
+        self.settings = None  # TTTSettings, set by the trainer before the first forward
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """HF Llama init (N(0, initializer_range) matrices, unit RMSNorm weights), except that the
+        output norm starts as the target's final norm and a reduced LM head as the target's rows:
+        the LM head reads the draft's normed state as if it were the target's."""
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if param.dim() == 2 and not name.startswith("lm_head"):
+                param.copy_(torch.randn(param.shape, generator=generator) * self.arch.initializer_range)
+            elif param.dim() == 1:
+                param.fill_(1.0)
+        self.norm.weight.copy_(self.target.norm_weight.float())
+        self.lm_head.init_from_target()
+
+    def forward(self, input_ids, loss_mask, aux, final):
+        """Shifted batch (train/loader.py) -> (loss, stats [ttt_length, 3]: ce sum, correct, count)."""
+        from eaglecache.train.ttt import ttt_loss
+
+        return ttt_loss(self, input_ids, loss_mask, aux, final, self.settings)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of final/model.safetensors (no target buffers; d2t/t2d for a reduced vocab)."""
+        out = {name: p.detach() for name, p in self.named_parameters()}
+        if self.arch.reduced_vocab:
+            out["d2t"], out["t2d"] = self.lm_head.d2t, self.lm_head.t2d
+        return out

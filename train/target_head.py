@@ -1,0 +1,123 @@
+"""The target's frozen embedding, final norm and LM head, read straight from its safetensors by name.
+
+The draft shares these three with the target (as the seed does) and never trains
+them. Only these tensors are read, never the decoder layers: for MiniMax-M3 the
+whole checkpoint is hundreds of GB, these three about 5 GB. Names are looked up
+under ``target.weights_prefix`` (``language_model.`` for MiniMax-M3's VL
+checkpoint), in sharded checkpoints through ``model.safetensors.index.json``.
+
+They are kept as non-persistent buffers, not parameters: ZeRO-3 would partition
+frozen parameters too and gather them at every use, while buffers stay whole on
+every rank and never enter checkpoints or the exported weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from eaglecache.errors import UserError
+
+EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
+NORM_NAMES = ("model.norm.weight", "norm.weight", "model.language_model.norm.weight")
+LM_HEAD_NAMES = ("lm_head.weight",)
+
+
+def target_text_config(target_dir: str | Path) -> dict[str, Any]:
+    """The target's config.json, a VL model's ``text_config`` lifted to the top."""
+    path = Path(target_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"target {target_dir}: no config.json")
+    config = json.loads(path.read_text())
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
+
+
+def _weight_files(target_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index when the checkpoint is sharded."""
+    index = target_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: target_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    files: dict[str, Path] = {}
+    for file in sorted(target_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            files.update(dict.fromkeys(handle.keys(), file))
+    if not files:
+        raise UserError(f"target {target_dir}: no *.safetensors weights")
+    return files
+
+
+def _read(files: dict[str, Path], prefix: str, candidates: tuple[str, ...], what: str,
+          target_dir: Path) -> torch.Tensor | None:
+    for name in candidates:
+        full = prefix + name
+        if full in files:
+            with safe_open(str(files[full]), framework="pt") as handle:
+                return handle.get_tensor(full)
+    if what:
+        tried = ", ".join(prefix + n for n in candidates)
+        raise UserError(f"target {target_dir}: no {what} tensor (tried {tried}); check target.weights_prefix")
+    return None
+
+
+def read_target_head(target_dir: str | Path, weights_prefix: str = "") -> dict[str, torch.Tensor]:
+    """``embed`` [V, H], ``norm`` [H] and ``lm_head`` [V, H] of the target (the embedding when tied)."""
+    target_dir = Path(target_dir)
+    config = target_text_config(target_dir)
+    files = _weight_files(target_dir)
+    embed = _read(files, weights_prefix, EMBED_NAMES, "embedding", target_dir)
+    norm = _read(files, weights_prefix, NORM_NAMES, "final norm", target_dir)
+    lm_head = _read(files, weights_prefix, LM_HEAD_NAMES, "", target_dir)
+    if lm_head is None:
+        if not config.get("tie_word_embeddings", False):
+            raise UserError(f"target {target_dir}: no {weights_prefix}lm_head.weight and embeddings are not tied")
+        lm_head = embed
+    if embed.shape != lm_head.shape or norm.shape != (embed.shape[1],):
+        raise UserError(f"target {target_dir}: embedding {tuple(embed.shape)}, LM head {tuple(lm_head.shape)} "
+                        f"and norm {tuple(norm.shape)} do not fit together")
+    return {"embed": embed, "norm": norm, "lm_head": lm_head}
+
+
+class TargetHead(nn.Module):
+    """Frozen target embedding, final RMSNorm and LM head (buffers, cast to the training dtype)."""
+
+    def __init__(self, embed: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("embed_weight", embed.to(dtype), persistent=False)
+        self.register_buffer("norm_weight", norm.to(dtype), persistent=False)
+        shared = lm_head.data_ptr() == embed.data_ptr()
+        self.register_buffer("lm_head_weight", self.embed_weight if shared else lm_head.to(dtype),
+                             persistent=False)
+
+    @classmethod
+    def from_target(cls, target_dir: str | Path, weights_prefix: str = "",
+                    dtype: torch.dtype = torch.float32) -> "TargetHead":
+        tensors = read_target_head(target_dir, weights_prefix)
+        eps = float(target_text_config(target_dir).get("rms_norm_eps", 1e-6))
+        return cls(tensors["embed"], tensors["norm"], tensors["lm_head"], eps, dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head_weight.shape[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed_weight)
+
+    def final_norm(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """The target's final RMSNorm on its pre-norm last-layer output, in the buffers' dtype."""
+        return rms_norm(final_hidden.to(self.norm_weight.dtype), self.norm_weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm as vLLM and HF compute it: normalise in fp32 (or wider), cast back, then scale."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    variance = wide.pow(2).mean(-1, keepdim=True)
+    return (wide * torch.rsqrt(variance + eps)).to(x.dtype) * weight

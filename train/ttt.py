@@ -1,0 +1,199 @@
+"""The TTT unroll and its loss: draft steps 0..K-1 over a batch, soft cross-entropy in chunks.
+
+The algorithm (design-notes section 5). The batch arrives shifted (train/loader.py):
+``input_ids[t]`` is the token after position t, ``final[t]`` the target's pre-norm
+state one position later, ``loss_mask`` unshifted with its last position zeroed.
+
+- ``h = fc(aux)`` once. Step k feeds the token ``input_ids[t + k]`` and the carried
+  ``h`` (pre-norm, not detached) to the layer at RoPE positions ``t + k``; its
+  attention sees the step-0 keys 0..t and the keys of steps 1..k at t.
+- Step k's logits are ``lm_head(norm(h_k))``; its teacher is the target's softmax
+  at ``final[t + k]``; its mask is ``loss_mask[t + k]`` (zero past the end).
+
+THE LOSS NORMALIZATION (the one used everywhere): each step's soft cross-entropy
+is averaged over that step's loss-masked positions in the micro-batch, and the
+steps are summed with weights ttt_decay**k::
+
+    loss = sum_k ttt_decay**k * sum_{b,t} mask_k[b,t] * CE_k[b,t] / max(1, sum_{b,t} mask_k[b,t])
+
+With a reduced vocabulary, positions whose target argmax is outside it contribute
+zero but still count in the denominator (and count as wrong in the accuracy).
+
+Memory: logits never exist for all positions at once. ``_ChunkedSoftCE`` walks
+``loss_chunk_tokens`` positions at a time; for each chunk it builds the teacher's
+probabilities once (shared by all K steps, shifted by k), then each step's draft
+logits, and computes the gradient w.r.t. the hidden states (and a trainable LM head)
+right there, in the forward pass: the loss is the last node of the graph, so its
+backward only scales the stored gradients. Nothing of size T x V is kept, and no
+logits are recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class TTTSettings:
+    ttt_length: int = 7
+    ttt_decay: float = 0.8
+    loss_chunk_tokens: int = 2048
+    attention: str = "reference"  # a resolved implementation (train/attention.py)
+    gradient_checkpointing: bool = False
+
+
+def shift_left(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x[:, t] <- x[:, t + k] along dim 1, zeros past the end."""
+    if k == 0:
+        return x
+    out = torch.zeros_like(x)
+    out[:, :-k] = x[:, k:]
+    return out
+
+
+def step_weights(loss_mask: torch.Tensor, ttt_length: int, ttt_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks [K, B, T] bool, weights [K, B, T] fp64): the normalization of the module docstring."""
+    masks = torch.stack([shift_left(loss_mask.bool(), k) for k in range(ttt_length)])
+    counts = masks.sum(dim=(1, 2)).clamp_min(1).double()
+    decay = torch.tensor([ttt_decay ** k for k in range(ttt_length)], dtype=torch.float64, device=masks.device)
+    return masks, masks.double() * (decay / counts)[:, None, None]
+
+
+def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
+    """The TTT training loss of one micro-batch: (loss, stats [K, 3] fp64 = CE sum, correct, count)."""
+    batch, length = input_ids.shape
+    steps = settings.ttt_length
+    dtype = draft.fc.weight.dtype
+    hidden = draft.fc(aux.flatten(2).to(dtype))
+    cos, sin = draft.rotary(length + steps - 1, hidden)
+    keys, values, normed = [], [], []
+    for k in range(steps):
+        embeds = draft.target.embed(shift_left(input_ids, k))
+        args = (embeds, hidden, cos[k:k + length], sin[k:k + length], tuple(keys), tuple(values), settings.attention)
+        if settings.gradient_checkpointing and torch.is_grad_enabled():
+            hidden, key, value = checkpoint(draft.midlayer, *args, use_reentrant=False)
+        else:
+            hidden, key, value = draft.midlayer(*args)
+        keys.append(key)
+        values.append(value)
+        normed.append(draft.norm(hidden))
+    masks, weights = step_weights(loss_mask, steps, settings.ttt_decay)
+    with torch.no_grad():
+        teacher = draft.target.final_norm(final)
+    return draft.lm_head(torch.stack(normed), teacher, masks, weights, settings.loss_chunk_tokens)
+
+
+class LMHeadLoss(nn.Module):
+    """The draft's LM head as a loss: the target's frozen head (full vocab) or a trainable reduced one.
+
+    It is a module so that, under ZeRO-3, a trainable ``lm_head.weight`` is gathered
+    for its forward like any other parameter.
+    """
+
+    def __init__(self, arch, target, d2t: Optional[torch.Tensor]):
+        super().__init__()
+        self.target = [target]  # a list: not a submodule (the draft owns it)
+        if arch.reduced_vocab:
+            if d2t is None or d2t.shape != (arch.draft_vocab_size,):
+                raise ValueError(f"a reduced vocab of {arch.draft_vocab_size} needs d2t of that length")
+            draft_ids = torch.arange(arch.draft_vocab_size) + d2t
+            t2d = torch.zeros(arch.vocab_size, dtype=torch.bool)
+            t2d[draft_ids] = True
+            self.weight = nn.Parameter(torch.empty(arch.draft_vocab_size, arch.hidden_size))
+            self.register_buffer("d2t", d2t.to(torch.int64), persistent=False)
+            self.register_buffer("t2d", t2d, persistent=False)
+            self.register_buffer("draft_ids", draft_ids, persistent=False)
+        else:
+            self.weight = None
+            self.d2t = self.t2d = self.draft_ids = None
+
+    @torch.no_grad()
+    def init_from_target(self) -> None:
+        if self.weight is not None:
+            self.weight.copy_(self.target[0].lm_head_weight[self.draft_ids].float())
+
+    def forward(self, hidden, teacher, masks, weights, chunk_tokens: int):
+        target_weight = self.target[0].lm_head_weight
+        draft_weight = target_weight if self.weight is None else self.weight
+        return _ChunkedSoftCE.apply(hidden, draft_weight, teacher, target_weight, masks, weights,
+                                    self.draft_ids, self.t2d, chunk_tokens)
+
+
+def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place (no [rows, V] temporaries): logits -> probabilities; also (argmax, log-sum-exp)."""
+    top, argmax = logits.max(dim=-1)
+    total = logits.sub_(top[:, None]).exp_().sum(-1)
+    logits.div_(total[:, None])
+    return logits, argmax, top + total.log()
+
+
+class _ChunkedSoftCE(torch.autograd.Function):
+    """Weighted soft cross-entropy of K steps' draft logits against the shifted teacher, by chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, draft_weight, teacher, target_weight, masks, weights, draft_ids, t2d, chunk_tokens):
+        steps, batch, length, _ = hidden.shape
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # logits, softmax and sums: fp32 at least
+        want_weight_grad = ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(draft_weight.shape, dtype=acc, device=hidden.device) \
+            if want_weight_grad else None
+        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        stats = torch.zeros(steps, 3, dtype=torch.float64, device=hidden.device)
+        stats[:, 2] = masks.sum(dim=(1, 2)).double()
+        span = max(1, chunk_tokens // batch)
+        for start in range(0, length, span):
+            stop = min(start + span, length)
+            # teacher rows for this chunk's K steps: positions start .. stop + K - 2
+            rows = teacher[:, start:min(stop + steps - 1, length)]
+            num_rows = rows.shape[1]
+            target_logits = (rows.flatten(0, 1) @ target_weight.T).to(acc)
+            target_argmax = target_logits.argmax(-1).view(batch, num_rows)
+            in_vocab = None
+            if draft_ids is not None:  # reduced vocab: teacher renormalised over the draft's tokens
+                in_vocab = t2d[target_argmax]
+                target_logits = target_logits[:, draft_ids]
+            probs = _softmax_(target_logits)[0].view(batch, num_rows, -1)
+            for k in range(steps):
+                end = min(stop, length - k)  # step k has no teacher (and no mask) past length - k
+                if end <= start:
+                    continue
+                n = end - start
+                h = hidden[k, :, start:end].flatten(0, 1)
+                p = probs[:, k:k + n].flatten(0, 1)
+                m = masks[k, :, start:end].flatten()
+                w = weights[k, :, start:end].flatten().to(acc)
+                if in_vocab is not None:
+                    valid = in_vocab[:, k:k + n].flatten()
+                    m, w = m & valid, w * valid
+                logits = (h @ draft_weight.T).to(acc)
+                dot = torch.linalg.vecdot(p, logits)
+                q, draft_argmax, lse = _softmax_(logits)
+                ce = lse - dot  # = -sum_v p * log q
+                if draft_ids is not None:
+                    draft_argmax = draft_ids[draft_argmax]
+                loss += (ce * w).sum().double()
+                stats[k, 0] += (ce * m).sum().double()
+                stats[k, 1] += ((draft_argmax == target_argmax[:, k:k + n].flatten()) & m).sum().double()
+                grad_logits = q.sub_(p).mul_(w[:, None])  # d loss / d logits = w * (softmax - teacher)
+                grad_hidden[k, :, start:end] = (grad_logits.to(draft_weight.dtype) @ draft_weight).view(batch, n, -1)
+                if want_weight_grad:
+                    grad_weight.addmm_(grad_logits.T, h.to(acc))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = draft_weight.dtype
+        ctx.mark_non_differentiable(stats)
+        return loss.to(acc), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
