@@ -15,7 +15,15 @@ class PrecomputeConfig(Section):
     gpu_memory_utilization: float = Field(
         0.2, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
     )
-    batch_size: int = Field(64, ge=1, description="Samples sent to vLLM per call.")
+    batch_size: int = Field(64, ge=1, description="Samples kept in flight in vLLM at once (requests).")
+    kv_cache_gib: Optional[float] = Field(
+        None, gt=0.0,
+        description="vLLM KV cache size in GiB; null sizes it from gpu_memory_utilization. On CPU builds "
+        "vLLM subtracts the process's resident memory from that fraction, so a fixed size is steadier.",
+    )
+    max_pending_gib: int = Field(
+        4, ge=1, description="GiB of extracted states that may wait for the writer before the engine is held back."
+    )
     shard_tokens: int = Field(
         65536, ge=1, description="Target tokens per shard; a shard is written once, as a unit."
     )

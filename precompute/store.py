@@ -93,7 +93,8 @@ def bf16_bits(states: torch.Tensor | np.ndarray) -> np.ndarray:
         return states
     if states.dtype != torch.bfloat16:
         raise ValueError(f"expected a bfloat16 tensor, got {states.dtype}")
-    return states.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+    # strided views stay views: write_shard's concatenate makes the one copy
+    return states.detach().cpu().view(torch.int16).numpy().view(np.uint16)
 
 
 def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:
@@ -259,7 +260,8 @@ class PartWriter:
         if not self._buffer:
             self._save()
             return None
-        index = len(self.record["shards"])
+        # after `cache verify --repair` dropped a shard, its name may be reused only once it is gone
+        index = 1 + max((int(s["name"][len("shard-"):-len(".zarr")]) for s in self.record["shards"]), default=-1)
         shard = write_shard(self.dir / shard_name(index), self._buffer, codec=self.metadata["codec"],
                             codec_level=self.metadata["codec_level"], chunk_tokens=self.metadata["chunk_tokens"],
                             fp8=self.fp8)

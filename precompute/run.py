@@ -1,0 +1,192 @@
+"""``eaglecache precompute``: one job writes one part of a feature cache from a prepared data set.
+
+The data set is split deterministically into ``num_shards`` contiguous sample
+ranges of about equal token counts; job ``shard_index`` writes its range into
+``parts/part-IIIII-of-NNNNN`` of the output directory, so a job array (any
+number of nodes) fills one cache that the trainer reads as one. A job that is
+restarted resumes its part: samples already committed are not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from eaglecache.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LAYER_CONVENTION = "vllm: id k = residual stream after k decoder layers = HF hidden_states[k]"
+# precompute settings that change what is stored; the rest (memory, batching, which job) do not,
+# and the jobs of one cache must agree on cache.json
+CONTENT_KEYS = ("aux_layer_ids", "shard_tokens", "chunk_tokens", "codec", "codec_level", "fp8",
+                "tensor_parallel_size")
+
+
+def split_parts(num_tokens: np.ndarray, num_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) sample ranges of about equal tokens: sample s goes to the part whose
+    token interval holds its first token. Deterministic; a part may be empty when samples are few."""
+    starts = np.cumsum(num_tokens, dtype=np.int64) - num_tokens
+    total = int(np.sum(num_tokens, dtype=np.int64))
+    cuts = [int(np.searchsorted(starts, total * i / num_parts, side="left")) for i in range(num_parts)]
+    cuts.append(len(num_tokens))
+    return [(cuts[i], cuts[i + 1]) for i in range(num_parts)]
+
+
+def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_parts: int,
+                   num_samples: int) -> dict[str, Any]:
+    """cache.json's metadata: identical for every job of one cache (see precompute/FORMAT.md)."""
+    import vllm
+
+    from eaglecache import target
+
+    tcfg = target.target_config(target_path)
+    pc = config.precompute
+    tokenizer_hash, template_hash = target.tokenizer_hash(target_path), target.chat_template_hash(target_path)
+    for key, ours in (("tokenizer_hash", tokenizer_hash), ("chat_template_hash", template_hash)):
+        theirs = dataset.metadata.get(key)
+        if theirs and theirs != ours:
+            raise UserError(f"the data set was prepared with another tokenizer or chat template than the "
+                            f"target {target_path} ({key} differs): prepare it again with this target")
+    return {
+        "aux_layer_ids": list(aux_layer_ids),
+        "final_layer_id": int(tcfg["num_hidden_layers"]),
+        "num_hidden_layers": int(tcfg["num_hidden_layers"]),
+        "layer_convention": LAYER_CONVENTION,
+        "final_prenorm": True,
+        "hidden_size": int(tcfg["hidden_size"]),
+        "vocab_size": int(tcfg["vocab_size"]),
+        "target_path": str(target_path),
+        "target_weights_hash": target.weights_hash(target_path),
+        "tokenizer_hash": tokenizer_hash,
+        "chat_template_hash": template_hash,
+        "dataset_hash": dataset.metadata.get("dataset_hash"),
+        "dataset_num_samples": int(num_samples),
+        "vllm_version": vllm.__version__,
+        "tensor_parallel_size": pc.tensor_parallel_size,
+        "dtype": "fp8_e4m3" if pc.fp8 else "bfloat16",
+        "codec": pc.codec,
+        "codec_level": pc.codec_level,
+        "chunk_tokens": pc.chunk_tokens,
+        "shard_tokens": pc.shard_tokens,
+        "num_parts": num_parts,
+        "config": {"target": config.target.model_dump(mode="json"),
+                   "precompute": {k: getattr(pc, k) for k in CONTENT_KEYS}},
+    }
+
+
+def _rpc(llm, method: str, *args) -> Any:
+    """Call a WriterRPC method on every worker; the writing rank's answer (the others give None)."""
+    answers = [a for a in llm.collective_rpc(method, args=args) if a is not None]
+    if len(answers) != 1:
+        raise RuntimeError(f"{method}: expected one writing worker, got {len(answers)} answers")
+    return answers[0]
+
+
+def _wait_for_writer(llm, expected: int, timeout_s: float = 600.0) -> dict:
+    """The engine reports a request finished before its states reach the writer; wait for the rest."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _rpc(llm, "eaglecache_part_status")
+        if status["error"]:
+            raise RuntimeError(f"hidden-state writer failed: {status['error']}")
+        if status["received"] >= expected:
+            return status
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"writer got {status['received']} of {expected} samples in {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def resolve_layers(config, target_path) -> tuple[list[int], int]:
+    from eaglecache import target
+
+    num_layers = target.target_layer_count(target_path)
+    aux = config.precompute.aux_layer_ids or target.default_aux_layer_ids(num_layers)
+    return list(aux), num_layers
+
+
+def run_precompute(config, args, llm=None) -> int:
+    """Write this job's part of the cache. ``llm``: an engine from ``build_engine`` to reuse (tests)."""
+    from tqdm import tqdm
+
+    from eaglecache.data.schema import open_dataset
+    from eaglecache.precompute.engine import build_engine, prefill
+    from eaglecache.precompute.store import create_or_check_cache, part_name
+    from eaglecache.target import resolve_target
+
+    pc = config.precompute
+    num_parts = args.num_shards if args.num_shards is not None else pc.num_shards
+    part_index = args.shard_index if args.shard_index is not None else pc.shard_index
+    if num_parts < 1 or not 0 <= part_index < num_parts:
+        raise UserError(f"--shard-index {part_index} must be in 0..{num_parts - 1} (--num-shards {num_parts})")
+    dataset = open_dataset(args.input)
+    num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    if num_samples == 0:
+        raise UserError(f"{args.input}: no samples to precompute")
+    target_path = resolve_target(config)
+    aux_layer_ids, num_layers = resolve_layers(config, target_path)
+    metadata = cache_metadata(config, dataset, target_path, aux_layer_ids, num_parts, num_samples)
+    start, stop = split_parts(dataset.num_tokens_array()[:num_samples], num_parts)[part_index]
+    create_or_check_cache(args.output, metadata)
+    if pc.fp8:
+        log.warning("precompute.fp8 is ON: states are stored LOSSY as FP8 e4m3 with a scale per token and layer; "
+                    "training from this cache is NOT bit-equivalent to online training")
+
+    own_engine = llm is None
+    if own_engine:
+        llm = build_engine(config, target_path, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
+    opened = _rpc(llm, "eaglecache_open_part", str(args.output), part_index, num_parts, metadata,
+                  [start, stop], pc.max_pending_gib << 30)
+    name = part_name(part_index, num_parts)
+    if opened["complete"]:
+        _rpc(llm, "eaglecache_close_part", True)
+        print(f"{name} of {args.output} is already complete; nothing to do")
+        return 0
+    committed = set(opened["committed"])
+    todo = [s for s in range(start, stop) if s not in committed]
+    todo_tokens = int(dataset.num_tokens_array()[todo].sum()) if todo else 0
+    log.info("%s: samples %d..%d (%d to do, %d already committed), %d tokens", name, start, stop - 1,
+             len(todo), len(committed), todo_tokens)
+
+    started = time.perf_counter()
+    complete = False
+    try:
+        samples = (s for s in dataset.iter_samples(start, stop) if s["sample_id"] not in committed)
+        bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"precompute {name}", dynamic_ncols=True)
+        last_poll = 0.0
+        for num_tokens in prefill(llm, samples, extract=True, max_in_flight=pc.batch_size):
+            bar.update(num_tokens)
+            if time.perf_counter() - last_poll > 2.0:
+                last_poll = time.perf_counter()
+                status = _rpc(llm, "eaglecache_part_status")
+                bar.set_postfix_str(f"{status['bytes_written'] / 1e9:.2f} GB written")
+        bar.close()
+        _wait_for_writer(llm, len(todo))
+        complete = True
+    finally:
+        if complete:
+            summary = _rpc(llm, "eaglecache_close_part", True)
+        else:  # keep what was committed for the next run; the error that got us here is the one to see
+            try:
+                _rpc(llm, "eaglecache_close_part", False)
+            except Exception:
+                log.exception("committing the part after a failure failed too")
+    elapsed = time.perf_counter() - started
+    _print_summary(name, args.output, summary, elapsed)
+    return 0
+
+
+def _print_summary(name: str, output, summary: dict, elapsed: float) -> None:
+    gb = summary["bytes_written"] / 1e9
+    raw_gb = summary["state_bytes"] / 1e9
+    print(f"{name} of {output}: {summary['samples']} samples, {summary['tokens']} tokens in {elapsed:.1f} s "
+          f"({summary['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s); {summary['num_shards']} shards, "
+          f"{gb:.3f} GB on disk for {raw_gb:.3f} GB of states ({raw_gb / max(gb, 1e-12):.2f}x); "
+          f"writer busy {summary['write_seconds']:.1f} s")
+    if summary["skipped_samples"]:
+        ids = [s["sample_id"] for s in summary["skipped_samples"]]
+        print(f"skipped {len(ids)} samples with NaN/Inf states (listed in part.json): {ids[:20]}"
+              + (" ..." if len(ids) > 20 else ""))

@@ -1,0 +1,144 @@
+"""``eaglecache cache info`` and ``eaglecache cache verify``: what a cache holds, and is it intact.
+
+``verify`` re-reads every shard listed in the part manifests and checks array
+shapes against the manifest and cache metadata, offsets against the per-sample
+token counts, the CRC-32 recorded at write time, and that no state is NaN/Inf.
+Each damaged shard is named; the exit code is 1 when any is. With ``--repair``
+the damaged shards are dropped from their part's manifest (the directory is
+moved aside) and the part is marked unfinished, so the next precompute run of
+that part recomputes exactly those samples.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from eaglecache.errors import UserError
+from eaglecache.precompute.store import (
+    CACHE_FILE, PART_FILE, _read_cache_json, checksum, open_cache, read_parts, use_fast_codec_pipeline,
+    write_json_atomic,
+)
+
+BF16_EXPONENT = 0x7F80  # all exponent bits set: Inf or NaN
+FP8_NAN = 0x7F  # e4m3fn has no Inf; NaN is S.1111.111
+
+
+def run_info(config, args) -> int:
+    cache = open_cache(args.cache, allow_partial=True)
+    meta = cache.metadata
+    parts = cache.parts
+    nbytes = sum(s["nbytes"] for _, r in parts for s in r["shards"])
+    tokens = cache.total_tokens
+    num_aux = len(meta["aux_layer_ids"])
+    raw_per_token = 5 + 2 * (num_aux + 1) * meta["hidden_size"]
+    done = sum(1 for _, r in parts if r["complete"])
+    print(f"cache      {cache.path} (eaglecache.cache v1)")
+    print(f"target     {meta['target_path']} (weights {meta['target_weights_hash'][:12]}, "
+          f"{meta['num_hidden_layers']} layers, hidden {meta['hidden_size']}, vocab {meta['vocab_size']})")
+    print(f"layers     aux {meta['aux_layer_ids']} + final {meta['final_layer_id']} (pre-norm); {meta['layer_convention']}")
+    print(f"storage    {meta['dtype']}, codec {meta['codec']} level {meta['codec_level']}, "
+          f"{meta['chunk_tokens']} tokens/chunk, ~{meta['shard_tokens']} tokens/shard")
+    print(f"data       dataset {str(meta['dataset_hash'])[:12]} ({meta['dataset_num_samples']} samples), "
+          f"tokenizer {meta['tokenizer_hash'][:12]}, chat template {meta['chat_template_hash'][:12]}")
+    print(f"made by    vLLM {meta['vllm_version']}, TP {meta['tensor_parallel_size']}")
+    print(f"parts      {done} of {meta['num_parts']} complete"
+          + ("" if done == meta["num_parts"] else "  (INCOMPLETE: run the missing --shard-index jobs)"))
+    print(f"contents   {len(cache)} samples, {tokens} tokens, "
+          f"{sum(len(r['shards']) for _, r in parts)} shards, {len(cache.skipped)} skipped (NaN/Inf)")
+    if tokens:
+        print(f"size       {nbytes / 1e9:.3f} GB on disk, {nbytes / tokens:,.0f} bytes/token "
+              f"(raw bf16 {raw_per_token:,} bytes/token, {raw_per_token * tokens / nbytes:.2f}x)")
+    return 0
+
+
+def _nonfinite(name: str, data: np.ndarray, fp8: bool) -> int:
+    if fp8:
+        return int(((data & 0x7F) == FP8_NAN).sum()) if name in ("aux", "final") else int((~np.isfinite(data)).sum())
+    return int(((data & BF16_EXPONENT) == BF16_EXPONENT).sum())
+
+
+def verify_shard(path: Path, shard: dict, meta: dict) -> list[str]:
+    """Problems found in one shard (empty when intact)."""
+    import zarr
+
+    from eaglecache.precompute.store import _consolidated_metadata
+
+    if not path.is_dir():
+        return ["directory missing"]
+    try:
+        with _consolidated_metadata():
+            group = zarr.open_group(path, mode="r", use_consolidated=True)
+    except Exception as exc:  # damaged metadata: report, do not crash the whole check
+        return [f"cannot open ({exc.__class__.__name__}: {exc})"]
+    fp8 = meta["dtype"] == "fp8_e4m3"
+    t, s, a, h = shard["num_tokens"], shard["num_samples"], len(meta["aux_layer_ids"]), meta["hidden_size"]
+    expected = {"input_ids": (t,), "loss_mask": (t,), "aux": (t, a, h), "final": (t, h),
+                "offsets": (s + 1,), "sample_ids": (s,)}
+    if fp8:
+        expected.update(aux_scale=(t, a), final_scale=(t,))
+    problems = []
+    for name, shape in expected.items():
+        try:
+            data = group[name][...]
+        except Exception as exc:
+            problems.append(f"{name}: unreadable ({exc.__class__.__name__}: {exc})")
+            continue
+        if data.shape != shape:
+            problems.append(f"{name}: shape {data.shape}, expected {shape}")
+            continue
+        if checksum(data) != shard["checksums"].get(name):
+            problems.append(f"{name}: checksum {checksum(data)} != {shard['checksums'].get(name)} recorded at write")
+        if name in ("aux", "final", "aux_scale", "final_scale") and (bad := _nonfinite(name, data, fp8)):
+            problems.append(f"{name}: {bad} NaN/Inf values")
+        if name == "offsets" and not np.array_equal(np.diff(data), shard["sample_num_tokens"]):
+            problems.append("offsets disagree with the manifest's token counts")
+        if name == "sample_ids" and data.tolist() != shard["sample_ids"]:
+            problems.append("sample_ids disagree with the manifest")
+    return problems
+
+
+def run_verify(config, args) -> int:
+    from tqdm import tqdm
+
+    use_fast_codec_pipeline()
+    root = Path(args.cache)
+    if not (root / CACHE_FILE).is_file():
+        raise UserError(f"{root}: no {CACHE_FILE} (not a feature cache)")
+    meta = _read_cache_json(root / CACHE_FILE)["metadata"]
+    parts = read_parts(root)
+    shards = [(part_dir, record, shard) for part_dir, record in parts for shard in record["shards"]]
+    damaged: dict[Path, list[dict]] = {}
+    for part_dir, record, shard in tqdm(shards, desc="verify", unit="shard", dynamic_ncols=True):
+        path = part_dir / shard["name"]
+        problems = verify_shard(path, shard, meta)
+        if problems:
+            damaged.setdefault(part_dir, []).append(shard)
+            tqdm.write(f"DAMAGED {path}: " + "; ".join(problems))
+    done = {r["part_index"] for _, r in parts if r["complete"]}
+    missing = [i for i in range(meta["num_parts"]) if i not in done]
+    num_damaged = sum(len(v) for v in damaged.values())
+    print(f"{root}: {len(shards)} shards checked, {num_damaged} damaged"
+          + (f"; parts {missing} missing or unfinished" if missing else ""))
+    if num_damaged and getattr(args, "repair", False):
+        _repair(parts, damaged)
+    return 1 if num_damaged else 0
+
+
+def _repair(parts, damaged: dict[Path, list[dict]]) -> None:
+    """Drop damaged shards from their manifests so the next run of each part recomputes them."""
+    for part_dir, record in parts:
+        bad = damaged.get(part_dir)
+        if not bad:
+            continue
+        names = {s["name"] for s in bad}
+        record["shards"] = [s for s in record["shards"] if s["name"] not in names]
+        record["complete"] = False
+        for name in names:  # moved aside first, so a crash here leaves nothing half-listed
+            if (part_dir / name).exists():
+                os.rename(part_dir / name, part_dir / f"{name}.tmp-damaged")
+        write_json_atomic(part_dir / PART_FILE, record)
+        print(f"repair: {part_dir.name}: {len(names)} shards ({sum(s['num_samples'] for s in bad)} samples) "
+              "re-queued; rerun precompute for this part")
