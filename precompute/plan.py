@@ -10,13 +10,13 @@ be checked by hand from the ones printed above it.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from eaglecache.errors import UserError
+from eaglecache.target import default_aux_layer_ids
 
 # Compression ratios of bf16 activations measured on synthetic data (design-notes section 7):
 # estimates only; pass --cache to measure on a real cache.
@@ -60,19 +60,12 @@ class StoragePlan:
         return tokens_per_s * self.raw_bytes_per_token / codec_ratio
 
 
-def _target_dims(path: str | None) -> tuple[int, int, int]:
-    """(hidden_size, vocab_size, num_hidden_layers) from a target's config.json (text part of a VL config)."""
-    if path is None:
-        from eaglecache.target import resolve_target
-        from eaglecache.config import load_config
+def _target_dims(config) -> tuple[int, int]:
+    """(hidden_size, num_hidden_layers) of the configured target (the text part of a VL config)."""
+    from eaglecache.target import resolve_target, target_config  # noqa: builds the tiny target if needed
 
-        path = str(resolve_target(load_config(None)))
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"no config.json in target {path}; pass --hidden-size and --num-layers instead")
-    config = json.loads(config_path.read_text())
-    text = config.get("text_config") or config
-    return text["hidden_size"], text.get("vocab_size", 0), text["num_hidden_layers"]
+    text = target_config(resolve_target(config))
+    return int(text["hidden_size"]), int(text["num_hidden_layers"])
 
 
 def _dataset_counts(dataset: str) -> tuple[int, int]:
@@ -92,8 +85,8 @@ def run_plan(config, args) -> int:
     if args.hidden_size and args.num_layers:
         hidden_size, num_layers = args.hidden_size, args.num_layers
     else:
-        hidden_size, _, num_layers = _target_dims(config.target.path)
-    aux_ids = config.precompute.aux_layer_ids or [2, num_layers // 2, num_layers - 3]
+        hidden_size, num_layers = _target_dims(config)
+    aux_ids = config.precompute.aux_layer_ids or default_aux_layer_ids(num_layers)
     plan = StoragePlan(num_samples, num_tokens, hidden_size, len(aux_ids), config.precompute.shard_tokens,
                        config.precompute.fp8)
     ratios, measured = dict(NOMINAL_CODEC_RATIOS), False
