@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -76,12 +76,14 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_dataset(out_dir: str | Path, rows: Iterable[dict], metadata: dict[str, Any]) -> dict[str, Any]:
+def write_dataset(out_dir: str | Path, rows: Iterable[dict],
+                  metadata: dict[str, Any] | Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Write rows (dicts with input_ids, loss_mask, source, record_index, content_hash) as a data set.
 
     ``sample_id`` is assigned densely in iteration order. ``metadata`` (tokenizer_hash,
     chat_template_hash, target_path, config, inputs, report, ...) is stored in dataset.json
-    with format, version, num_samples, num_tokens, num_loss_tokens and dataset_hash added.
+    with format, version, num_samples, num_tokens, num_loss_tokens and dataset_hash added; it may
+    be a function, called once the rows are exhausted, so counts gathered while they stream fit in.
     Nothing appears at ``out_dir`` unless the whole write succeeds. Returns the metadata.
     """
     out = Path(out_dir)
@@ -123,7 +125,8 @@ def write_dataset(out_dir: str | Path, rows: Iterable[dict], metadata: dict[str,
         flush()
         if writer is not None:
             writer.close()
-        meta = {"format": DATASET_FORMAT, "version": DATASET_VERSION, **metadata,
+        extra = metadata() if callable(metadata) else metadata
+        meta = {"format": DATASET_FORMAT, "version": DATASET_VERSION, **extra,
                 "num_samples": num_samples, "num_tokens": num_tokens, "num_loss_tokens": num_loss_tokens,
                 "num_parts": num_parts, "dataset_hash": digest.hexdigest()}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
