@@ -13,6 +13,9 @@ class ServeConfig(Section):
     gpu_memory_utilization: float = Field(
         0.2, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
     )
+    kv_cache_gib: Optional[float] = Field(
+        None, gt=0.0, description="KV cache size in GiB; set, it replaces gpu_memory_utilization (exact on CPU, where the fraction is of a NUMA node's RAM)."
+    )
     enforce_eager: Optional[bool] = Field(
         None, description="vLLM eager mode; null: eager on CPU (graph compilation there takes minutes), graphs on GPU."
     )

@@ -47,6 +47,8 @@ def engine_settings(config, target_dir: Path, draft_dir: str | Path | None) -> d
         "seed": serve.seed,
         "disable_log_stats": False,  # the spec-decode counters are stats
     }
+    if serve.kv_cache_gib is not None:
+        settings["kv_cache_memory_bytes"] = int(serve.kv_cache_gib * 2**30)
     if draft_dir is not None:
         settings["speculative_config"] = speculative_config(config, draft_dir)
     return settings
