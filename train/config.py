@@ -43,6 +43,9 @@ class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
     max_seq_length: Optional[int] = Field(None, ge=8, description="Tokens per packed sequence; null uses data's.")
     loss_chunk_tokens: int = Field(2048, ge=1, description="Positions per chunk of the LM-head loss.")
+    attention: Literal["auto", "reference", "split", "flex"] = Field(
+        "auto", description="TTT attention kernel: auto = split (CPU flash kernel) on CPU, flex on CUDA; "
+        "reference = masked SDPA (slow, for checks).")
     seed: int = Field(0, description="Seed of weights init, data order and dropout.")
     checkpoint_interval: int = Field(1000, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")

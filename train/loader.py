@@ -78,6 +78,9 @@ class InMemoryFeatures:
     def num_tokens(self, sample_id: int) -> int:
         return len(self._samples[int(sample_id)].input_ids)
 
+    def num_tokens_array(self) -> np.ndarray:
+        return np.array([self.num_tokens(s) for s in self.sample_ids], dtype=np.int64)
+
     def read(self, sample_id: int):
         return self._samples[int(sample_id)]
 

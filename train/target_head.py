@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,20 +22,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from eaglecache.errors import UserError
+from eaglecache.target import target_config
 
 EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
 NORM_NAMES = ("model.norm.weight", "norm.weight", "model.language_model.norm.weight")
 LM_HEAD_NAMES = ("lm_head.weight",)
-
-
-def target_text_config(target_dir: str | Path) -> dict[str, Any]:
-    """The target's config.json, a VL model's ``text_config`` lifted to the top."""
-    path = Path(target_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"target {target_dir}: no config.json")
-    config = json.loads(path.read_text())
-    text = config.get("text_config")
-    return {**config, **text} if isinstance(text, dict) else config
 
 
 def _weight_files(target_dir: Path) -> dict[str, Path]:
@@ -69,7 +59,7 @@ def _read(files: dict[str, Path], prefix: str, candidates: tuple[str, ...], what
 def read_target_head(target_dir: str | Path, weights_prefix: str = "") -> dict[str, torch.Tensor]:
     """``embed`` [V, H], ``norm`` [H] and ``lm_head`` [V, H] of the target (the embedding when tied)."""
     target_dir = Path(target_dir)
-    config = target_text_config(target_dir)
+    config = target_config(target_dir)
     files = _weight_files(target_dir)
     embed = _read(files, weights_prefix, EMBED_NAMES, "embedding", target_dir)
     norm = _read(files, weights_prefix, NORM_NAMES, "final norm", target_dir)
@@ -101,7 +91,7 @@ class TargetHead(nn.Module):
     def from_target(cls, target_dir: str | Path, weights_prefix: str = "",
                     dtype: torch.dtype = torch.float32) -> "TargetHead":
         tensors = read_target_head(target_dir, weights_prefix)
-        eps = float(target_text_config(target_dir).get("rms_norm_eps", 1e-6))
+        eps = float(target_config(target_dir).get("rms_norm_eps", 1e-6))
         return cls(tensors["embed"], tensors["norm"], tensors["lm_head"], eps, dtype)
 
     @property

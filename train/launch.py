@@ -1,0 +1,133 @@
+"""``eaglecache train``: resolve and check the run, write RUN_DIR/config.yaml, start DeepSpeed's launcher.
+
+Inputs are checked here, once, before any rank starts (a bad path or a cache made
+from another target is one error line, not N tracebacks). Then
+``python -m deepspeed.launcher.runner --num_gpus N [--num_nodes M --hostfile F]
+--module eaglecache.train.main --run-dir RUN_DIR ...`` runs the ranks, exactly as
+DeepSpeed users start their jobs; without CUDA it sets ``DS_ACCELERATOR=cpu`` (gloo)
+and splits the cores between the ranks.
+
+Running the same command again on the same RUN_DIR resumes from its last
+committed checkpoint; a RUN_DIR holding a run with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from eaglecache.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_config(config, args):
+    """The config as the ranks will read it: target path and sequence length made explicit."""
+    from eaglecache.target import resolve_target
+
+    resolved = config.model_copy(deep=True)
+    resolved.target.path = str(resolve_target(config))
+    if resolved.train.max_seq_length is None:
+        resolved.train.max_seq_length = resolved.data.max_seq_length
+    return resolved
+
+
+def check_inputs(config, args) -> None:
+    """Fail early, with one line, on what every rank would fail on."""
+    from eaglecache.target import weights_hash
+
+    tc = config.train
+    if tc.source == "cache":
+        from eaglecache.precompute.store import open_cache
+
+        if not args.cache:
+            raise UserError("train.source=cache needs --cache DIR (a feature cache from `eaglecache precompute`)")
+        cache = open_cache(args.cache)
+        stored_hash = cache.metadata.get("target_weights_hash")
+        if stored_hash and stored_hash != weights_hash(config.target.path):
+            raise UserError(f"{args.cache} was computed from another target than {config.target.path} "
+                            "(target_weights_hash differs)")
+        num_samples = len(cache.sample_ids)
+    else:
+        from eaglecache.data.schema import open_dataset
+
+        if not args.data:
+            raise UserError("train.source=online needs --data DIR (a prepared data set)")
+        num_samples = len(open_dataset(args.data))
+    if num_samples < tc.global_batch_size:
+        raise UserError(f"{num_samples} samples are fewer than one global batch (train.global_batch_size "
+                        f"{tc.global_batch_size})")
+    if args.vocab:
+        from eaglecache.data.vocab import load_vocab
+
+        load_vocab(args.vocab)
+    lc = tc.launcher
+    if lc.num_nodes > 1 and not lc.hostfile:
+        raise UserError("train.launcher.num_nodes > 1 needs train.launcher.hostfile")
+    if lc.hostfile and not Path(lc.hostfile).is_file():
+        raise UserError(f"train.launcher.hostfile {lc.hostfile}: no such file")
+
+
+def write_run_config(config, run_dir: Path) -> None:
+    """RUN_DIR/config.yaml; refuses to overwrite a started run's settings with other ones."""
+    from eaglecache.config import load_config
+    from eaglecache.train.checkpoint import committed_steps
+
+    path = run_dir / "config.yaml"
+    if path.is_file() and committed_steps(run_dir):
+        old = load_config(path)
+        if old.fingerprint("target", "train") != config.fingerprint("target", "train"):
+            raise UserError(f"{run_dir} holds a run with other target/train settings; "
+                            "use a new --output, or the same settings to resume it")
+    tmp = path.with_name(".config.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def launcher_command(config, args, run_dir: Path) -> list[str]:
+    lc = config.train.launcher
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(lc.num_gpus),
+           "--master_port", str(lc.master_port)]
+    if lc.hostfile:
+        cmd += ["--hostfile", lc.hostfile, "--num_nodes", str(lc.num_nodes)]
+    cmd += ["--module", "eaglecache.train.main", "--run-dir", str(run_dir)]
+    for flag, value in (("--cache", args.cache), ("--data", args.data), ("--vocab", args.vocab)):
+        if value:
+            cmd += [flag, str(Path(value).resolve())]
+    return cmd
+
+
+def launcher_env(config) -> dict[str, str]:
+    env = dict(os.environ)
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if not has_cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.train.launcher.num_gpus)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_train(config, args) -> int:
+    run_dir = Path(args.output).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = resolve_config(config, args)
+    check_inputs(config, args)
+    write_run_config(config, run_dir)
+    cmd = launcher_command(config, args, run_dir)
+    log.info("starting: %s", " ".join(cmd))
+    rc = subprocess.run(cmd, env=launcher_env(config)).returncode
+    if rc != 0:
+        print(f"error: training exited with status {rc} (the rank logs above say why); "
+              f"run the same command again to resume from the last checkpoint in {run_dir / 'checkpoints'}",
+              file=sys.stderr)
+    return rc

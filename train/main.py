@@ -1,0 +1,178 @@
+"""The module DeepSpeed's launcher starts on every rank: ``python -m eaglecache.train.main --run-dir DIR ...``.
+
+``eaglecache train`` (train/launch.py) resolves the config into RUN_DIR/config.yaml
+and starts ``deepspeed ... --module eaglecache.train.main``; a user may also start
+this module under ``deepspeed`` or ``torchrun`` directly with the same flags.
+``train()`` below is the whole run for one rank and is callable in-process
+(tests, benchmarks) with any feature source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from eaglecache.errors import UserError
+
+log = logging.getLogger("eaglecache.train")
+
+
+def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab_path: Optional[str], dtype):
+    """(draft module, aux indices into the source's aux layers or None for all); deterministic in train.seed."""
+    from eaglecache.target import target_config
+    from eaglecache.train.draft import DraftArch, Eagle3Draft
+    from eaglecache.train.target_head import TargetHead
+
+    stored = [int(i) for i in source_metadata["aux_layer_ids"]]
+    wanted = config.train.draft.aux_layer_ids or stored
+    missing = [i for i in wanted if i not in stored]
+    if missing:
+        raise UserError(f"train.draft.aux_layer_ids {wanted}: layers {missing} are not in the features "
+                        f"(they hold {stored})")
+    aux_indices = None if wanted == stored else [stored.index(i) for i in wanted]
+    d2t = None
+    draft_vocab_size = None
+    if vocab_path:
+        from eaglecache.data.vocab import load_vocab
+
+        d2t_np, _, _ = load_vocab(vocab_path)
+        d2t = torch.from_numpy(d2t_np).to(torch.int64)
+        draft_vocab_size = len(d2t)
+    tcfg = target_config(target_dir)
+    if int(tcfg["vocab_size"]) != int(source_metadata["vocab_size"]) or \
+            int(tcfg["hidden_size"]) != int(source_metadata["hidden_size"]):
+        raise UserError(f"target {target_dir} (hidden {tcfg['hidden_size']}, vocab {tcfg['vocab_size']}) does not "
+                        f"match the features (hidden {source_metadata['hidden_size']}, "
+                        f"vocab {source_metadata['vocab_size']})")
+    dc = config.train.draft
+    arch = DraftArch.from_target(tcfg, wanted, draft_vocab_size, dc.intermediate_size, dc.num_attention_heads,
+                                 dc.num_key_value_heads)
+    target = TargetHead.from_target(target_dir, config.target.weights_prefix, dtype)
+    torch.manual_seed(config.train.seed)
+    draft = Eagle3Draft(arch, target, d2t)
+    draft.init_weights(config.train.seed)
+    return draft, aux_indices
+
+
+def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Optional[str] = None,
+          rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """One rank's whole run: model, engine, resume, loop, final weights. Returns the last metrics."""
+    from eaglecache.train.attention import resolve_implementation
+    from eaglecache.train.checkpoint import load_checkpoint, save_final, write_run_json
+    from eaglecache.train.engine import create_engine, deepspeed_config
+    from eaglecache.train.loader import SamplePlan, StreamingLoader
+    from eaglecache.train.loop import run_loop
+    from eaglecache.train.ttt import TTTSettings
+
+    tc = config.train
+    dtype = torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32
+    draft, aux_indices = build_draft(config, target_dir, source.metadata, vocab_path, dtype)
+    draft.settings = TTTSettings(ttt_length=tc.ttt_length, ttt_decay=tc.ttt_decay,
+                                 loss_chunk_tokens=tc.loss_chunk_tokens,
+                                 attention=resolve_implementation(tc.attention, device),
+                                 gradient_checkpointing=tc.gradient_checkpointing)
+    lengths = [source.num_tokens(s) for s in source.sample_ids] if not hasattr(source, "num_tokens_array") \
+        else source.num_tokens_array()
+    plan = SamplePlan(source.sample_ids, lengths, seed=tc.seed, global_batch_size=tc.global_batch_size,
+                      micro_batch_size=tc.micro_batch_size, world_size=world_size,
+                      subset_fraction=tc.subset_fraction)
+    total_steps = plan.total_steps(tc.epochs, tc.max_steps)
+    max_seq_length = tc.max_seq_length or config.data.max_seq_length
+    loader = StreamingLoader(source, plan, rank=rank, max_seq_length=max_seq_length, total_steps=total_steps,
+                             aux_indices=aux_indices,
+                             workers=tc.loader_workers, prefetch=tc.prefetch, pin_memory=device.type == "cuda")
+    engine = create_engine(draft.to(device), deepspeed_config(tc, world_size, total_steps), run_dir)
+    start_step = load_checkpoint(engine, loader, run_dir)
+    if rank == 0:
+        write_run_json(run_dir, source_fingerprint=source_fingerprint(source), world_size=world_size,
+                       total_steps=total_steps, config_hash=config.fingerprint("target", "train"))
+        log.info("training %d steps from step %d: %d samples, global batch %d, %d rank(s) x GA %d",
+                 total_steps, start_step, len(plan.sample_ids), tc.global_batch_size, world_size,
+                 plan.accumulation_steps)
+    last = run_loop(engine, loader, run_dir=run_dir, train=tc, start_step=start_step, total_steps=total_steps,
+                    device=device, rank=rank, world_size=world_size)
+    extra = None
+    if draft.arch.reduced_vocab:
+        extra = {"d2t": draft.lm_head.d2t.cpu(), "t2d": draft.lm_head.t2d.cpu()}
+    provenance = {"source": source_fingerprint(source), "config_hash": config.fingerprint("target", "train"),
+                  "steps": total_steps, "vocab": str(vocab_path) if vocab_path else None}
+    final = save_final(engine, run_dir, draft.arch.to_json(), extra, provenance)
+    if rank == 0:
+        _print_summary(last, final, total_steps)
+    return last
+
+
+def source_fingerprint(source) -> dict[str, Any]:
+    meta = source.metadata
+    return {key: meta.get(key) for key in ("dataset_hash", "target_weights_hash", "aux_layer_ids", "dtype",
+                                           "source", "num_parts")} | {"num_samples": int(len(source.sample_ids))}
+
+
+def _print_summary(last: dict[str, Any], final: Optional[Path], total_steps: int) -> None:
+    if not last.get("step"):
+        print(f"nothing to train: the run already finished its {total_steps} steps; final weights in {final}")
+        return
+    accs = " ".join(f"{last[k]:.3f}" for k in sorted(k for k in last if k.startswith("acc_")))
+    print(f"trained {last['step']}/{total_steps} steps in {last['wall_s']:.0f}s: loss {last['loss']:.4f}, "
+          f"accuracy per TTT position {accs}, simulated accept length {last['accept_len_3']:.2f} (3 tokens), "
+          f"{last['tokens_per_s']:.0f} tokens/s, data wait {100 * last['data_wait_fraction']:.1f}%; "
+          f"final weights in {final}")
+
+
+def open_source(config, cache: Optional[str], data: Optional[str], target_dir: Path, device: torch.device):
+    """The feature source of train.source: the Zarr cache, or the target computing features live."""
+    if config.train.source == "online":
+        from eaglecache.train.online import OnlineFeatures
+
+        if not data:
+            raise UserError("train.source=online needs --data (a prepared data set)")
+        return OnlineFeatures(data, target_dir, config, device)
+    from eaglecache.precompute.store import open_cache
+
+    if not cache:
+        raise UserError("train.source=cache needs --cache (a feature cache from `eaglecache precompute`)")
+    return open_cache(cache)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="eaglecache.train.main", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="Run directory holding config.yaml (from `eaglecache train`).")
+    parser.add_argument("--cache", default=None, help="Feature cache (train.source=cache).")
+    parser.add_argument("--data", default=None, help="Prepared data set (train.source=online).")
+    parser.add_argument("--vocab", default=None, help="Draft vocab mapping (reduced vocab).")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed passes it
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from eaglecache.config import load_config
+    from eaglecache.target import resolve_target
+    from eaglecache.train.engine import init_distributed
+
+    args = parse_args(argv)
+    # DeepSpeed's ZeRO-3 still calls the torch.distributed names torch 2.13 deprecates, once per step
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    run_dir = Path(args.run_dir)
+    try:
+        config = load_config(run_dir / "config.yaml")
+        rank, world_size, device = init_distributed()
+        target_dir = resolve_target(config)
+        source = open_source(config, args.cache, args.data, target_dir, device)
+        train(config, run_dir, source, target_dir=target_dir, vocab_path=args.vocab, rank=rank,
+              world_size=world_size, device=device)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
