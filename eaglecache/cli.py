@@ -21,10 +21,15 @@ Handler = Callable[..., Optional[int]]
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
+# Flags with nargs="+" that swallow the KEY=VALUE overrides written after them.
+_GREEDY_FLAGS = ("input", "prompts")
+
+
 def _collect_overrides(args: argparse.Namespace) -> None:
     """Move ``a.b=v`` items that a greedy ``nargs='+'`` flag swallowed back into the overrides."""
-    for name, value in vars(args).items():
-        if name == "overrides" or not isinstance(value, list):
+    for name in _GREEDY_FLAGS:
+        value = getattr(args, name, None)
+        if not isinstance(value, list):
             continue
         moved = [v for v in value if isinstance(v, str) and _OVERRIDE.match(v)]
         if moved:

@@ -22,3 +22,39 @@ def tiny_config():
     from eaglecache.config import load_config
 
     return load_config(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_target, tmp_path_factory):
+    """A prepared data set of 48 real ShareGPT conversations (first exchange each), through `data prepare`."""
+    import json
+
+    from eaglecache.cli import main
+    from eaglecache.data.sharegpt import iter_sharegpt, sharegpt_path, sharegpt_to_messages
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    lines = []
+    for _, record in iter_sharegpt(sharegpt_path()):
+        try:
+            messages = sharegpt_to_messages(record)
+        except ValueError:
+            continue
+        if len(messages) >= 2 and messages[0]["role"] == "user" and messages[1]["role"] == "assistant":
+            lines.append(json.dumps({"messages": messages[:2]}))
+        if len(lines) == 48:
+            break
+    (root / "conversations.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "prepare", "--input", str(root / "conversations.jsonl"), "--output", str(root / "data"),
+                 f"target.path={tiny_target}", "data.max_seq_length=256"]) == 0
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_target, tiny_dataset, tmp_path_factory):
+    """The feature cache of ``tiny_dataset``, written by `eaglecache precompute` through vLLM."""
+    from eaglecache.cli import main
+
+    cache = tmp_path_factory.mktemp("tiny_cache") / "cache"
+    assert main(["precompute", "--input", str(tiny_dataset), "--output", str(cache),
+                 f"target.path={tiny_target}", "precompute.shard_tokens=4096", "precompute.chunk_tokens=256"]) == 0
+    return cache

@@ -9,6 +9,12 @@ def _train(config, args):
     return run_train(config, args)
 
 
+def _ablate(config, args):
+    from eaglecache.train.ablate import run_ablate
+
+    return run_ablate(config, args)
+
+
 def register(subparsers) -> None:
     p = add_command(subparsers, "train", _train,
                     "Train the EAGLE3 draft with DeepSpeed ZeRO-3 and TTT from a feature cache "
@@ -19,3 +25,15 @@ def register(subparsers) -> None:
                    help="Prepared Parquet dataset, for train.source=online.")
     p.add_argument("--output", required=True, metavar="DIR", help="Run directory: checkpoints, logs, final weights.")
     p.add_argument("--vocab", metavar="PATH", default=None, help="Draft vocab mapping from `eaglecache data vocab`.")
+
+    p = add_command(subparsers, "ablate", _ablate,
+                    "Train a grid of variants from one cache (read-only), skip finished ones, "
+                    "tabulate and plot the results.")
+    p.add_argument("--cache", required=True, metavar="DIR", help="Feature cache shared by every variant.")
+    p.add_argument("--output", required=True, metavar="DIR", help="One run directory per variant, plus results.")
+    p.add_argument("--grid", action="append", metavar="KEY=[V1,V2]",
+                   help="A train.* key and its values; repeat for a grid (cartesian product).")
+    p.add_argument("--grid-file", metavar="FILE", default=None, help="YAML mapping of train.* keys to value lists.")
+    p.add_argument("--vocab", metavar="PATH", default=None, help="Draft vocab mapping, as for train.")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="Variants trained side by side (each its own launcher and port).")

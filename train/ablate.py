@@ -1,0 +1,165 @@
+"""``eaglecache ablate``: many training variants from one feature cache, each reproducible and skipped once done.
+
+A variant is one point of the grid (the cartesian product of ``--grid KEY=[v1,v2]``
+and ``--grid-file`` entries). It trains with ``eaglecache train`` into
+``OUTPUT/<variant name>``, which then holds the resolved config.yaml, the run's
+metrics.jsonl / TensorBoard logs, final weights and ``variant.json`` (overrides,
+seed, cache fingerprint, code version, final metrics). Only ``train.*`` keys may
+vary: anything else would need another cache. The cache is only ever read.
+
+Running the same command again skips every variant whose variant.json says it
+finished with the same fingerprint; the results table and plots are rebuilt from
+all finished variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eaglecache.config import load_config, parse_override
+from eaglecache.errors import UserError
+
+log = logging.getLogger(__name__)
+VARIANT_FORMAT, VARIANT_VERSION = "eaglecache.variant", 1
+
+
+def parse_grid(grid_args: list[str], grid_file: str | None) -> dict[str, list[Any]]:
+    """{dotted key: values} from ``KEY=[a,b]`` strings and a YAML file of the same mapping."""
+    grid: dict[str, list[Any]] = {}
+    if grid_file:
+        path = Path(grid_file)
+        if not path.is_file():
+            raise UserError(f"grid file not found: {grid_file}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"grid file {grid_file}: expected a mapping of dotted keys to lists")
+        grid.update(loaded)
+    for text in grid_args:
+        key, values = parse_override(text)
+        grid[key] = values
+    for key, values in grid.items():
+        if not key.startswith("train."):
+            raise UserError(f"grid key {key}: ablations reuse one cache, so only train.* keys can vary")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"grid key {key}: expected a non-empty list of values, e.g. {key}=[1,2]")
+    if not grid:
+        raise UserError("no grid: give --grid KEY=[v1,v2] or --grid-file FILE")
+    return grid
+
+
+def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _format_value(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+
+
+def variant_name(overrides: dict[str, Any]) -> str:
+    """A readable, filesystem-safe directory name: ``ttt_length-3_lr-0.0001``."""
+    parts = [f"{key.split('.')[-1]}-{_format_value(value)}" for key, value in overrides.items()]
+    name = "_".join(parts)
+    safe = "".join(c if c.isalnum() or c in "-_.," else "+" for c in name)
+    return safe if len(safe) <= 80 else safe[:60] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+def override_strings(overrides: dict[str, Any]) -> list[str]:
+    return [f"{key}={_format_value(value)}" for key, value in overrides.items()]
+
+
+def code_version() -> str:
+    """sha256 of the package's Python sources: what produced a variant, git or not."""
+    import eaglecache
+
+    root = Path(eaglecache.__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in ("eaglecache", "data", "precompute", "train", "serve"):
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_fingerprint(cache_dir: str) -> str:
+    from eaglecache.precompute.store import open_cache
+
+    return hashlib.sha256(json.dumps(open_cache(cache_dir).metadata, sort_keys=True).encode()).hexdigest()
+
+
+def _last_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metrics.jsonl"
+    lines = [l for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: dict[str, Any],
+                master_port: int) -> dict[str, Any]:
+    """Train one variant (or find it done); returns its variant.json record."""
+    from eaglecache.train.launch import run_train
+
+    name = variant_name(overrides)
+    run_dir = Path(args.output) / name
+    record_path = run_dir / "variant.json"
+    config = load_config(base_config_path, list(base_overrides) + override_strings(overrides))
+    config.train.launcher.master_port = master_port
+    fingerprint = {**fingerprint, "config": config.fingerprint("target", "train")}
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("status") == "done" and record.get("fingerprint") == fingerprint:
+            log.info("variant %s: done already, skipped", name)
+            return {**record, "skipped": True}
+    log.info("variant %s: training", name)
+    started = time.time()
+    train_args = argparse.Namespace(cache=args.cache, data=None, vocab=args.vocab, output=str(run_dir))
+    rc = run_train(config, train_args)
+    record = {
+        "format": VARIANT_FORMAT, "version": VARIANT_VERSION, "name": name, "overrides": overrides,
+        "seed": config.train.seed, "fingerprint": fingerprint, "status": "done" if rc == 0 else f"failed ({rc})",
+        "wall_s": round(time.time() - started, 1), "metrics": _last_metrics(run_dir),
+    }
+    tmp = record_path.with_name(".variant.json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, record_path)
+    return {**record, "skipped": False}
+
+
+def run_ablate(config, args) -> int:
+    from eaglecache.train.ablation_report import write_report
+
+    if not args.cache or not Path(args.cache).is_dir():
+        raise UserError(f"--cache {args.cache}: not a directory (a feature cache from `eaglecache precompute`)")
+    if config.train.source != "cache":
+        raise UserError("ablations train from the cache: train.source must be 'cache'")
+    grid = parse_grid(args.grid or [], args.grid_file)
+    variants = expand(grid)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    fingerprint = {"cache": cache_fingerprint(args.cache), "code": code_version()}
+    base_port = config.train.launcher.master_port
+    print(f"{len(variants)} variants from {args.cache} into {args.output}")
+
+    def job(indexed):
+        index, overrides = indexed
+        return run_variant(args.config, args.overrides, overrides, args, fingerprint, base_port + index)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        records = list(pool.map(job, enumerate(variants)))
+    failed = [r["name"] for r in records if r["status"] != "done"]
+    table = write_report(Path(args.output), records, list(grid))
+    print(table)
+    print(f"{sum(r['skipped'] for r in records)} skipped (done before), "
+          f"{sum(not r['skipped'] for r in records) - len(failed)} trained, {len(failed)} failed")
+    if failed:
+        raise UserError(f"variants failed: {', '.join(failed)} (see their run directories)")
+    return 0
