@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,21 @@ from eaglecache.section import Section
 from eaglecache.precompute.config import PrecomputeConfig
 from eaglecache.serve.config import ServeConfig
 from eaglecache.train.config import TrainConfig
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML reads ``1e-4`` (no dot) as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -75,7 +91,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise UserError(f"override {text!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise UserError(f"override {key}: cannot parse value {raw!r} ({exc.__class__.__name__})") from None
     return key.strip(), value
@@ -97,7 +113,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(tree, dict):

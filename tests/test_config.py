@@ -114,3 +114,11 @@ def test_config_show_prints_resolved_values_with_their_docs(capsys):
     line = next(l for l in out.splitlines() if l.strip().startswith("lr:"))
     assert "0.0003" in line and "# Peak AdamW learning rate." in line
     assert "  launcher:" in out and "num_gpus: 2" in out
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    from eaglecache.config import parse_override
+
+    assert parse_override("train.lr=1e-4") == ("train.lr", 1e-4)
+    assert parse_override("x.y=[3e-4,2]") == ("x.y", [3e-4, 2])
+    assert parse_override("x.y=abc") == ("x.y", "abc")

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from eaglecache.config import load_config, parse_override
+from eaglecache.config import load_config, parse_override, yaml_load
 from eaglecache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def parse_grid(grid_args: list[str], grid_file: str | None) -> dict[str, list[An
         path = Path(grid_file)
         if not path.is_file():
             raise UserError(f"grid file not found: {grid_file}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise UserError(f"grid file {grid_file}: expected a mapping of dotted keys to lists")
         grid.update(loaded)
