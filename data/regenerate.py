@@ -9,6 +9,9 @@ template adds it back when prepare renders the conversation. Output is messages 
 prepare reads, written to a temp file and renamed into place, with ``<output>.json`` beside it
 recording the config, input and target hashes and the report.
 
+``data.system_prompt``, when set, is part of every prompt (prepare adds it the same way when it
+renders the conversation) but is not written to the output.
+
 A conversation whose next prompt no longer fits ``max_model_len`` keeps the turns regenerated so
 far (counted as cut short); one with no turn regenerated is dropped and counted.
 """
@@ -32,6 +35,7 @@ from eaglecache.errors import UserError
 log = logging.getLogger(__name__)
 
 PROMPT_TOO_LONG = "prompt_too_long"
+DUPLICATE = "duplicate"
 
 
 def max_model_len(config) -> int:
@@ -140,7 +144,8 @@ def regenerate_chunk(llm, template: ChatTemplate, config, jobs: list[_Job], stat
 
 
 def _conversations(path: str | Path, limit: int | None, stats: Stats) -> Iterator[sources.Conversation]:
-    taken = 0
+    """Usable, first-seen conversations of the input (the first ``limit`` of them); the rest counted."""
+    taken, seen = 0, set()
     for item in sources.iter_file(path):
         if limit is not None and taken >= limit:
             return
@@ -152,6 +157,11 @@ def _conversations(path: str | Path, limit: int | None, stats: Stats) -> Iterato
                 stats.dropped[item.reason] += 1
             continue
         stats.records_in += 1
+        key = sources.content_hash(item.messages)
+        if key in seen:  # prepare would drop it anyway: do not pay for generating it
+            stats.dropped[DUPLICATE] += 1
+            continue
+        seen.add(key)
         taken += 1
         yield item
 

@@ -37,8 +37,11 @@ SCHEMA = pa.schema([
     ("content_hash", pa.string()),
 ])
 
-ROWS_PER_GROUP = 256      # a row group is the unit of reading: small enough for random access
-ROWS_PER_PART = 65536     # a part file holds this many rows at most
+# A row group is the unit of reading (``sample`` decodes one whole group), so it is bounded in rows
+# and in tokens: 256 short samples, or fewer long ones (four 32k-token samples at most).
+ROWS_PER_GROUP = 256
+TOKENS_PER_GROUP = 1 << 17
+ROWS_PER_PART = 65536     # a new part file starts once the current one holds this many rows
 
 
 def _part_name(index: int) -> str:
@@ -95,23 +98,26 @@ def write_dataset(out_dir: str | Path, rows: Iterable[dict],
     digest = hashlib.sha256()
     num_samples = num_tokens = num_loss_tokens = 0
     writer: pq.ParquetWriter | None = None
-    num_parts = 0
+    num_parts = rows_in_part = pending_tokens = 0
     pending: list[dict] = []
 
     def flush() -> None:
-        nonlocal writer, num_parts, num_samples, num_tokens, num_loss_tokens
+        nonlocal writer, num_parts, rows_in_part, pending_tokens, num_samples, num_tokens, num_loss_tokens
         if not pending:
             return
-        if writer is None or num_samples % ROWS_PER_PART == 0:
+        if writer is None or rows_in_part >= ROWS_PER_PART:
             if writer is not None:
                 writer.close()
             writer = pq.ParquetWriter(tmp / _part_name(num_parts), SCHEMA, compression="zstd")
             num_parts += 1
+            rows_in_part = 0
         batch = _batch(pending, num_samples)
         for r in pending:
             digest.update(str(r["content_hash"]).encode())
             digest.update(np.asarray(r["input_ids"], dtype="<i4").tobytes())
         writer.write_batch(batch, row_group_size=ROWS_PER_GROUP)
+        rows_in_part += batch.num_rows
+        pending_tokens = 0
         num_samples += batch.num_rows
         num_tokens += int(batch.column("num_tokens").to_numpy().sum())
         num_loss_tokens += int(batch.column("num_loss_tokens").to_numpy().sum())
@@ -120,7 +126,8 @@ def write_dataset(out_dir: str | Path, rows: Iterable[dict],
     try:
         for row in rows:
             pending.append(row)
-            if len(pending) == ROWS_PER_GROUP:
+            pending_tokens += len(row["input_ids"])
+            if len(pending) == ROWS_PER_GROUP or pending_tokens >= TOKENS_PER_GROUP:
                 flush()
         flush()
         if writer is not None:

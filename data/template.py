@@ -4,10 +4,11 @@ The loss mask covers exactly the tokens the target itself would generate in each
 Which tokens those are is decided per template:
 
 * Templates that wrap assistant output in ``{% generation %}...{% endgeneration %}`` (the embedded
-  tiny target's does, and puts its end-of-turn token ``<|end|>`` inside the tags): the mask is what
-  the tags enclose, as transformers' ``return_assistant_tokens_mask`` defines it (the tokens that
-  hold the first and last enclosed character, and everything between). Whatever the template author
-  put inside the tags (end-of-turn token, reasoning block) is masked; nothing outside is.
+  tiny target's ChatML template does, with the content and its end-of-turn ``<|im_end|>`` inside
+  the tags and the newline after it outside): the mask is exactly the text the tags enclose, found
+  with transformers' own generation-span tracking (the machinery of ``return_assistant_tokens_mask``).
+  Whatever the template author put inside the tags (end-of-turn token, reasoning block) is masked;
+  nothing outside is.
 * Templates without the tags (ChatML, Llama 3, most shipped templates): the assistant span is found
   by rendering prefix by prefix: the text that ``messages[:k+1]`` adds to ``messages[:k]`` rendered
   with ``add_generation_prompt=True`` is what the model emits for turn k. Of that text the mask

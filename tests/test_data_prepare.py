@@ -237,3 +237,19 @@ def test_cli_prepare_writes_the_set_and_reports_bad_paths(tmp_path, tiny_target,
     assert main(["data", "prepare", "--input", str(tmp_path / "missing.json"), "--output", str(out),
                  f"target.path={tiny_target}"]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_template_without_end_of_turn_token_masks_the_answer_without_trailing_space(tmp_path, tiny_target):
+    bare = tmp_path / "bare-target"
+    shutil.copytree(tiny_target, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    (bare / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+    template = ChatTemplate(bare)
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4, I think."},
+                {"role": "user", "content": "sure?"}, {"role": "assistant", "content": "Yes."}]
+    ((ids, mask),) = template.encode([template.render(messages)])
+    sample = {"input_ids": ids, "loss_mask": mask}
+    assert template.method == "prefix_diff"
+    assert _masked_runs(sample, template) == ["4, I think.", "Yes."]
+    assert template.decode(ids) == template.render(messages).text

@@ -73,3 +73,20 @@ def test_unknown_version_and_missing_set_are_refused(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="version"):
         schema.open_dataset(tmp_path / "ds")
+
+
+def test_row_groups_are_bounded_in_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(schema, "TOKENS_PER_GROUP", 500)
+    monkeypatch.setattr(schema, "ROWS_PER_PART", 100)
+    rows = _rows(400, seed=1)
+    schema.write_dataset(tmp_path / "ds", rows, {})
+    ds = schema.open_dataset(tmp_path / "ds")
+    import pyarrow.parquet as pq
+
+    group_tokens = [sum(f.read_row_group(g, columns=["num_tokens"]).column(0).to_pylist())
+                    for f in ds._files for g in range(f.num_row_groups)]
+    assert len(ds._files) == 4 and max(group_tokens) < 500 + 60 and sum(group_tokens) == ds.metadata["num_tokens"]
+    for sample_id in range(0, 400, 7):
+        np.testing.assert_array_equal(ds.sample(sample_id)["input_ids"], rows[sample_id]["input_ids"])
+    assert [s["sample_id"] for s in ds.iter_samples(13, 377)] == list(range(13, 377))
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in sorted((tmp_path / "ds").glob("part-*"))) == 400
