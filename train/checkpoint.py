@@ -46,6 +46,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# train settings that do not change what is trained (how it is launched, logged, read, saved)
+NOT_RESULT_KEYS = ("launcher", "log_interval", "checkpoint_interval", "keep_checkpoints", "loader_workers", "prefetch")
+
+
+def run_fingerprint(config) -> str:
+    """sha256 of the settings a resumed run must share with the run it continues."""
+    import hashlib
+
+    tree = config.to_dict()
+    train = {k: v for k, v in tree["train"].items() if k not in NOT_RESULT_KEYS}
+    return hashlib.sha256(json.dumps({"target": tree["target"], "train": train}, sort_keys=True).encode()).hexdigest()
+
+
 def committed_steps(run_dir: Path) -> list[int]:
     root = run_dir / "checkpoints"
     steps = []

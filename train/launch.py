@@ -76,12 +76,11 @@ def check_inputs(config, args) -> None:
 def write_run_config(config, run_dir: Path) -> None:
     """RUN_DIR/config.yaml; refuses to overwrite a started run's settings with other ones."""
     from eaglecache.config import load_config
-    from eaglecache.train.checkpoint import committed_steps
+    from eaglecache.train.checkpoint import committed_steps, run_fingerprint
 
     path = run_dir / "config.yaml"
     if path.is_file() and committed_steps(run_dir):
-        old = load_config(path)
-        if old.fingerprint("target", "train") != config.fingerprint("target", "train"):
+        if run_fingerprint(load_config(path)) != run_fingerprint(config):
             raise UserError(f"{run_dir} holds a run with other target/train settings; "
                             "use a new --output, or the same settings to resume it")
     tmp = path.with_name(".config.yaml.tmp")

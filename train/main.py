@@ -64,7 +64,7 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """One rank's whole run: model, engine, resume, loop, final weights. Returns the last metrics."""
     from eaglecache.train.attention import resolve_implementation
-    from eaglecache.train.checkpoint import load_checkpoint, save_final, write_run_json
+    from eaglecache.train.checkpoint import load_checkpoint, run_fingerprint, save_final, write_run_json
     from eaglecache.train.engine import create_engine, deepspeed_config
     from eaglecache.train.loader import SamplePlan, StreamingLoader
     from eaglecache.train.loop import run_loop
@@ -91,7 +91,7 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
     start_step = load_checkpoint(engine, loader, run_dir)
     if rank == 0:
         write_run_json(run_dir, source_fingerprint=source_fingerprint(source), world_size=world_size,
-                       total_steps=total_steps, config_hash=config.fingerprint("target", "train"))
+                       total_steps=total_steps, config_hash=run_fingerprint(config))
         log.info("training %d steps from step %d: %d samples, global batch %d, %d rank(s) x GA %d",
                  total_steps, start_step, len(plan.sample_ids), tc.global_batch_size, world_size,
                  plan.accumulation_steps)
@@ -100,7 +100,7 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
     extra = None
     if draft.arch.reduced_vocab:
         extra = {"d2t": draft.lm_head.d2t.cpu(), "t2d": draft.lm_head.t2d.cpu()}
-    provenance = {"source": source_fingerprint(source), "config_hash": config.fingerprint("target", "train"),
+    provenance = {"source": source_fingerprint(source), "config_hash": run_fingerprint(config),
                   "steps": total_steps, "vocab": str(vocab_path) if vocab_path else None}
     final = save_final(engine, run_dir, draft.arch.to_json(), extra, provenance)
     if rank == 0:

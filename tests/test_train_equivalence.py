@@ -1,0 +1,147 @@
+"""(a) Training from the Zarr cache and from the same features in memory is bit-identical (losses and weights).
+
+Runs the real trainer (DeepSpeed ZeRO-3, world size 1, gloo on CPU) in this
+process on the embedded tiny target's frozen head, with random features of its
+width written by precompute's own cache writer. Also checks the final weights
+file against the format (vLLM names, bf16, trainable tensors only).
+"""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from eaglecache.config import load_config
+from eaglecache.precompute.store import PartWriter, Sample, create_or_check_cache, open_cache
+from eaglecache.target import target_config, weights_hash
+from eaglecache.train.loader import InMemoryFeatures
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's torch.distributed calls
+
+EXPECTED_TENSORS = {
+    "fc.weight", "norm.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
+    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight", "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight", "midlayer.post_attention_layernorm.weight",
+    "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight",
+}
+
+
+def feature_samples(target_dir, num=12, seed=0, min_len=12, max_len=40):
+    """Random features of the target's width (the trainer only needs their shapes to be right)."""
+    cfg = target_config(target_dir)
+    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for sid in range(num):
+        n = int(torch.randint(min_len, max_len, (1,), generator=gen))
+        samples.append(Sample(
+            input_ids=torch.randint(0, vocab, (n,), generator=gen).numpy().astype(np.int32),
+            loss_mask=(torch.rand(n, generator=gen) < 0.8).numpy().astype(np.uint8),
+            aux=torch.randn(n, 3, hidden, generator=gen).to(torch.bfloat16),
+            final=(3 * torch.randn(n, hidden, generator=gen)).to(torch.bfloat16), sample_id=sid))
+    return samples
+
+
+def write_feature_cache(path, samples, target_dir, num_parts=2):
+    cfg = target_config(target_dir)
+    meta = {"aux_layer_ids": [2, 4, 5], "final_layer_id": cfg["num_hidden_layers"], "final_prenorm": True,
+            "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
+            "target_weights_hash": weights_hash(target_dir), "dataset_hash": "random-features",
+            "dtype": "bfloat16", "codec": "zstd", "codec_level": 1, "chunk_tokens": 16, "shard_tokens": 100,
+            "num_parts": num_parts}
+    create_or_check_cache(path, meta)
+    per_part = -(-len(samples) // num_parts)
+    for part in range(num_parts):
+        writer = PartWriter(path, part, num_parts, meta)
+        for s in samples[part * per_part:(part + 1) * per_part]:
+            writer.add(s.sample_id, s.input_ids, s.loss_mask, s.aux, s.final)
+        writer.close()
+    return path
+
+
+TINY_RUN = ["train.dtype=float32", "train.global_batch_size=2", "train.micro_batch_size=1",
+            "train.max_seq_length=32", "train.ttt_length=3", "train.lr=3e-3", "train.warmup_ratio=0.0",
+            "train.log_interval=1", "train.checkpoint_interval=2", "train.loader_workers=1", "train.epochs=1"]
+
+
+def fp32_weights(run_dir, step=None):
+    """The fp32 master weights of a checkpoint (the last by default), consolidated from ZeRO-3 partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from eaglecache.train.checkpoint import committed_steps, tag_of
+
+    tag = tag_of(step or committed_steps(run_dir)[-1])
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """torch.distributed (gloo, world size 1) in this process, one thread; torn down afterwards."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only spin
+    from eaglecache.train.engine import init_distributed
+
+    yield init_distributed()
+    torch.set_num_threads(threads)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_cache_and_memory_train_bit_identically(tmp_path, tiny_target, single_rank):
+    from eaglecache.train.main import train
+
+    rank, world, device = single_rank
+    samples = feature_samples(tiny_target)
+    cache = open_cache(write_feature_cache(tmp_path / "cache", samples, tiny_target))
+    memory = InMemoryFeatures(samples, cache.metadata)
+    config = load_config(None, TINY_RUN)
+    runs = {}
+    for name, source in (("cache", cache), ("memory", memory)):
+        run_dir = tmp_path / f"run-{name}"
+        run_dir.mkdir()
+        train(config, run_dir, source, target_dir=tiny_target, rank=rank, world_size=world, device=device)
+        runs[name] = run_dir
+    assert len(losses(runs["cache"])) == 6  # 12 samples / global batch 2, one epoch
+    assert losses(runs["cache"]) == losses(runs["memory"])  # bit-identical floats
+    assert losses(runs["cache"])[-1] < losses(runs["cache"])[0]
+    weights_cache, weights_memory = fp32_weights(runs["cache"]), fp32_weights(runs["memory"])
+    assert set(weights_cache) == EXPECTED_TENSORS
+    for name in weights_cache:
+        assert torch.equal(weights_cache[name], weights_memory[name]), name
+
+    # the final weights file: vLLM names, bf16, trainable tensors only, architecture beside it
+    final = runs["cache"] / "final"
+    with safe_open(str(final / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert names == EXPECTED_TENSORS
+        fc = f.get_tensor("fc.weight")
+    assert fc.dtype == torch.bfloat16 and torch.equal(fc, weights_cache["fc.weight"].to(torch.bfloat16))
+    arch = json.loads((final / "draft.json").read_text())
+    tcfg = target_config(tiny_target)
+    assert arch["aux_layer_ids"] == [2, 4, 5] and arch["hidden_size"] == tcfg["hidden_size"]
+    assert arch["draft_vocab_size"] == arch["vocab_size"] == tcfg["vocab_size"]
+    rope = [k for k in ("rope_theta", "rope_scaling", "rope_parameters") if k in tcfg]
+    assert rope and all(arch[k] == tcfg[k] for k in rope)  # RoPE copied from the target
+    records = [json.loads(line) for line in (runs["cache"] / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["acc_0"] <= 1.0 and r["accept_len_3"] >= 1.0 for r in records)
+    assert list((runs["cache"] / "tb").iterdir())
