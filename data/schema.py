@@ -174,8 +174,8 @@ class Dataset:
         if self._len != metadata.get("num_samples"):
             raise UserError(f"{path}: {self._len} rows in Parquet parts but dataset.json says "
                             f"{metadata.get('num_samples')} (incomplete or altered data set)")
-        self._cached_group: int | None = None
-        self._cached: list[dict] = []
+        self._cache: tuple[int, list[dict]] = (-1, [])  # (row group, its samples): one object, so a
+        # reader thread never pairs one group's index with another group's rows
 
     def __len__(self) -> int:
         return self._len
@@ -205,9 +205,10 @@ class Dataset:
         if not 0 <= sample_id < self._len:
             raise IndexError(f"sample_id {sample_id} out of range 0..{self._len - 1}")
         g = bisect.bisect_right(self._group_starts, sample_id) - 1
-        if g != self._cached_group:
-            self._cached, self._cached_group = self._read_group(g), g
-        return self._cached[sample_id - self._group_starts[g]]
+        cache = self._cache
+        if cache[0] != g:
+            cache = self._cache = (g, self._read_group(g))
+        return cache[1][sample_id - self._group_starts[g]]
 
     def iter_samples(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         """Samples start..stop-1 in sample_id order, streamed one row group at a time."""
