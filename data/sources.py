@@ -5,7 +5,8 @@ JSONL (one ``{"messages": [{"role", "content"}, ...]}`` per line; ShareGPT recor
 too) and Parquet with a ``messages`` (or ``conversations``) column. ``iter_file`` yields, in file
 order, a ``Conversation`` for every usable record and a ``Problem`` for everything else, so the
 caller counts and reports bad input instead of crashing on it. Nothing here raises on bad data
-except for a path that does not exist.
+except for a path that does not exist. ``record_index`` is the position in the JSON array (or
+object stream), the 0-based line number in JSONL, and the row number in Parquet.
 """
 
 from __future__ import annotations
