@@ -39,8 +39,9 @@ def test_reference_equals_attention_written_out_per_query():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("steps", [1, 2, 7])
-def test_split_kernel_matches_reference_with_gradients(steps, dtype, tol):
-    q, keys, values, grad_out = random_inputs(steps, dtype)
+@pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["mqa", "gqa", "mha"])
+def test_split_kernel_matches_reference_with_gradients(steps, dtype, tol, kv_heads):
+    q, keys, values, grad_out = random_inputs(steps, dtype, kv_heads=kv_heads)
     inputs = [q, *keys, *values]
     ref = ttt_attention(q, keys, values, "reference")
     ref_grads = torch.autograd.grad((ref.float() * grad_out.float()).sum(), inputs)

@@ -67,14 +67,6 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(batch, num_heads, length, dim)
 
 
-def _reduce_kv(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Inverse of ``_expand_kv`` for gradients: sum each group of query heads back into its KV head."""
-    batch, num_heads, length, dim = grad.shape
-    if kv_heads == num_heads:
-        return grad
-    return grad.view(batch, kv_heads, num_heads // kv_heads, length, dim).sum(dim=2)
-
-
 @functools.lru_cache(maxsize=64)
 def ttt_mask(length: int, num_steps: int, device: torch.device) -> torch.Tensor:
     """Boolean [T, T * num_steps] mask over [K0; K1; ...]: causal on block 0, diagonal on the others."""
@@ -92,51 +84,69 @@ def _reference_attention(q, keys, values):
 
 
 class _SplitCausalAttention(torch.autograd.Function):
-    """Causal flash attention over step-0 keys, merged with the diagonal keys of steps 1..k."""
+    """Causal flash attention over step-0 keys, merged with the diagonal keys of steps 1..k.
+
+    GQA without copies: the flash kernel takes fewer KV heads itself, and the diagonal
+    terms view the query heads as [kv_heads, group] and broadcast each KV head over its group.
+    """
 
     @staticmethod
     def forward(ctx, q, num_steps, *kv):
         keys, values = kv[:num_steps], kv[num_steps:]
-        num_heads, kv_heads, scale = q.shape[1], keys[0].shape[1], 1.0 / math.sqrt(q.shape[-1])
-        k0, v0 = _expand_kv(keys[0], num_heads), _expand_kv(values[0], num_heads)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k0, v0, 0.0, True, scale=scale)
-        extra_k = [_expand_kv(k, num_heads) for k in keys[1:]]
-        extra_v = [_expand_kv(v, num_heads) for v in values[1:]]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, keys[0], values[0], 0.0, True, scale=scale)
+        extra_k, extra_v = keys[1:], values[1:]
         if extra_k:
             acc = _accumulation_dtype(q)  # fp32 (or wider), like the kernel's log-sum-exp
-            scores = [torch.einsum("bhtd,bhtd->bht", q.to(acc), k.to(acc)) * scale for k in extra_k]
-            merged_lse = torch.logsumexp(torch.stack([lse.to(acc), *scores]), dim=0)
-            merged = out.to(acc) * torch.exp(lse - merged_lse)[..., None]
+            qg = _grouped(q, keys[0].shape[1]).to(acc)
+            scores = [_diagonal_scores(qg, k.to(acc), scale) for k in extra_k]
+            lse = _grouped(lse[..., None], keys[0].shape[1])[..., 0].to(acc)
+            merged_lse = torch.logsumexp(torch.stack([lse, *scores]), dim=0)
+            merged = _grouped(out, keys[0].shape[1]).to(acc) * torch.exp(lse - merged_lse)[..., None]
             for score, v in zip(scores, extra_v):
-                merged += torch.exp(score - merged_lse)[..., None] * v.to(acc)
-            out, lse = merged.to(q.dtype), merged_lse
-        ctx.save_for_backward(q, k0, v0, out, lse, *extra_k, *extra_v)
-        ctx.num_extra, ctx.kv_heads, ctx.scale = len(extra_k), kv_heads, scale
+                merged += torch.exp(score - merged_lse)[..., None] * v.to(acc)[:, :, None]
+            out, lse = merged.flatten(1, 2).to(q.dtype), merged_lse.flatten(1, 2)
+        ctx.save_for_backward(q, out, lse, *keys, *values)
+        ctx.num_steps, ctx.scale = num_steps, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k0, v0, out, lse, *extra = ctx.saved_tensors
-        extra_k, extra_v = extra[:ctx.num_extra], extra[ctx.num_extra:]
+        q, out, lse, *kv = ctx.saved_tensors
+        keys, values = kv[:ctx.num_steps], kv[ctx.num_steps:]
+        kv_heads = keys[0].shape[1]
         grad_out = grad_out.contiguous()
         # Given the merged output and log-sum-exp, the kernel's P = exp(QK^T*s - lse) and
         # D = rowsum(dO * O) are those of the merged softmax restricted to the causal keys.
         grad_q, grad_k0, grad_v0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k0, v0, out, lse, 0.0, True, scale=ctx.scale)
-        grad_keys, grad_values = [_reduce_kv(grad_k0, ctx.kv_heads)], [_reduce_kv(grad_v0, ctx.kv_heads)]
-        if extra_k:
+            grad_out, q, keys[0], values[0], out, lse, 0.0, True, scale=ctx.scale)
+        grad_keys, grad_values = [grad_k0], [grad_v0]
+        if ctx.num_steps > 1:
             acc = _accumulation_dtype(q)
-            dout, qf = grad_out.to(acc), q.to(acc)
-            delta = (dout * out.to(acc)).sum(-1)
-            grad_q = grad_q.to(acc)
-            for k, v in zip(extra_k, extra_v):
-                prob = torch.exp(torch.einsum("bhtd,bhtd->bht", qf, k.to(acc)) * ctx.scale - lse)
-                dscore = prob * ((dout * v.to(acc)).sum(-1) - delta) * ctx.scale
-                grad_q += dscore[..., None] * k.to(acc)
-                grad_keys.append(_reduce_kv((dscore[..., None] * qf).to(k.dtype), ctx.kv_heads))
-                grad_values.append(_reduce_kv((prob[..., None] * dout).to(v.dtype), ctx.kv_heads))
-            grad_q = grad_q.to(q.dtype)
+            dout, qg = _grouped(grad_out, kv_heads).to(acc), _grouped(q, kv_heads).to(acc)
+            lse_g = _grouped(lse[..., None], kv_heads)[..., 0]
+            delta = (dout * _grouped(out, kv_heads).to(acc)).sum(-1)
+            grad_qg = _grouped(grad_q, kv_heads).to(acc)
+            for k, v in zip(keys[1:], values[1:]):
+                kf, vf = k.to(acc)[:, :, None], v.to(acc)[:, :, None]
+                prob = torch.exp(_diagonal_scores(qg, k.to(acc), ctx.scale) - lse_g)
+                dscore = prob * ((dout * vf).sum(-1) - delta) * ctx.scale
+                grad_qg += dscore[..., None] * kf
+                grad_keys.append((dscore[..., None] * qg).sum(2).to(k.dtype))
+                grad_values.append((prob[..., None] * dout).sum(2).to(v.dtype))
+            grad_q = grad_qg.flatten(1, 2).to(q.dtype)
         return (grad_q, None, *grad_keys, *grad_values)
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, heads, T, d] -> [B, kv_heads, group, T, d] (a view): query heads by the KV head they share."""
+    return x.view(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+
+
+def _diagonal_scores(q_grouped: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """q . k at the same position: [B, kv, g, T, d] x [B, kv, T, d] -> [B, kv, g, T]."""
+    return (q_grouped * key[:, :, None]).sum(-1) * scale
 
 
 @functools.lru_cache(maxsize=64)

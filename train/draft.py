@@ -122,23 +122,44 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+class SplitInputLinear(nn.Linear):
+    """A q/k/v projection over ``[norm(embed), norm(h)]`` (2*H inputs) that can apply either half alone.
+
+    The embedding half of step k at position t is that of step 0 at position t + k (the
+    ids are shifted by one per step), so it is computed once for all steps; each step
+    then only projects its hidden half. Same weight, same sum, no ``cat``.
+    """
+
+    def forward(self, x: torch.Tensor, half: str) -> torch.Tensor:
+        width = self.in_features // 2
+        weight = self.weight[:, :width] if half == "embed" else self.weight[:, width:]
+        return F.linear(x, weight)
+
+
 class Attention(nn.Module):
     def __init__(self, arch: DraftArch):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
         in_features = 2 * arch.hidden_size
-        self.q_proj = nn.Linear(in_features, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
+        self.q_proj = SplitInputLinear(in_features, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = SplitInputLinear(in_features, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = SplitInputLinear(in_features, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, arch.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, keys: list[torch.Tensor], values: list[torch.Tensor], implementation: str):
+    def project_embeds(self, embeds_normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The embedding half of q, k, v for every position (all TTT steps slice it)."""
+        return tuple(proj(embeds_normed, "embed") for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+    def forward(self, embed_qkv, hidden_normed, cos, sin, keys: list[torch.Tensor], values: list[torch.Tensor],
+                implementation: str):
         """Returns (output [B, T, H], this step's key, value [B, kv_heads, T, d])."""
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        batch, length, _ = hidden_normed.shape
+        q = (embed_qkv[0] + self.q_proj(hidden_normed, "hidden")).view(batch, length, self.num_heads, self.head_dim)
+        k = (embed_qkv[1] + self.k_proj(hidden_normed, "hidden")).view(batch, length, self.num_kv_heads,
+                                                                        self.head_dim)
+        v = (embed_qkv[2] + self.v_proj(hidden_normed, "hidden")).view(batch, length, self.num_kv_heads,
+                                                                        self.head_dim)
         q = apply_rotary(q, cos, sin).transpose(1, 2)
         k = apply_rotary(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
@@ -161,7 +182,11 @@ class MLP(nn.Module):
 
 
 class MidLayer(nn.Module):
-    """vLLM's EAGLE3 decoder layer (norm after residual): returns the pre-norm output h'."""
+    """vLLM's EAGLE3 decoder layer (norm after residual): returns the pre-norm output h'.
+
+    ``embed_projections`` computes the embedding half of q/k/v for all positions once
+    per batch; ``forward`` is one TTT step on a slice of it.
+    """
 
     def __init__(self, arch: DraftArch):
         super().__init__()
@@ -171,9 +196,12 @@ class MidLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, embeds, hidden, cos, sin, keys, values, implementation: str):
-        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        attn, key, value = self.self_attn(x, cos, sin, keys, values, implementation)
+    def embed_projections(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.self_attn.project_embeds(self.input_layernorm(embeds))
+
+    def forward(self, embed_qkv, hidden, cos, sin, keys, values, implementation: str):
+        attn, key, value = self.self_attn(embed_qkv, self.hidden_norm(hidden), cos, sin, keys, values,
+                                          implementation)
         residual = hidden + attn
         return residual + self.mlp(self.post_attention_layernorm(residual)), key, value
 

@@ -71,10 +71,14 @@ def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
     dtype = draft.fc.weight.dtype
     hidden = draft.fc(aux.flatten(2).to(dtype))
     cos, sin = draft.rotary(length + steps - 1, hidden)
+    # step k reads the token at t + k: embed the ids once, extended by K - 1 padding (zero) tokens
+    ids = torch.nn.functional.pad(input_ids, (0, steps - 1))
+    embed_qkv = draft.midlayer.embed_projections(draft.target.embed(ids))
     keys, values, normed = [], [], []
     for k in range(steps):
-        embeds = draft.target.embed(shift_left(input_ids, k))
-        args = (embeds, hidden, cos[k:k + length], sin[k:k + length], tuple(keys), tuple(values), settings.attention)
+        step_qkv = tuple(x[:, k:k + length] for x in embed_qkv)
+        args = (step_qkv, hidden, cos[k:k + length], sin[k:k + length], tuple(keys), tuple(values),
+                settings.attention)
         if settings.gradient_checkpointing and torch.is_grad_enabled():
             hidden, key, value = checkpoint(draft.midlayer, *args, use_reentrant=False)
         else:
