@@ -7,6 +7,12 @@ from pydantic import Field
 from eaglecache.section import Section
 
 
+class DemoConfig(Section):
+    num_conversations: int = Field(
+        2000, ge=1, description="ShareGPT training-split conversations (first exchange) the demo regenerates and trains on."
+    )
+
+
 class ServeConfig(Section):
     num_speculative_tokens: int = Field(3, ge=1, description="Draft tokens proposed per target step.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size when serving/benchmarking.")
@@ -28,3 +34,4 @@ class ServeConfig(Section):
     served_model_name: Optional[str] = Field(
         None, description="Model name the server answers to; null uses the target directory's name."
     )
+    demo: DemoConfig = Field(default_factory=DemoConfig)

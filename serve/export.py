@@ -264,22 +264,29 @@ def _load_run(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], d
     return tensors, arch, run_config or {}, run_info
 
 
+def last_training_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last record of RUN_DIR/metrics.jsonl (train/metrics.py), or {} when there is none."""
+    path = run_dir / "metrics.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
 def training_summary(run_config: Mapping[str, Any], run_info: Mapping[str, Any],
-                     arch: Mapping[str, Any]) -> dict[str, Any]:
-    """The training settings the model card shows, from the run's resolved config."""
+                     last_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model card says about training: settings from config.yaml, size from run.json, end metrics."""
     train, data = run_config.get("train", {}) or {}, run_config.get("data", {}) or {}
     keys = ("ttt_length", "ttt_decay", "lr", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "dtype",
             "gradient_checkpointing", "global_batch_size", "micro_batch_size", "epochs", "max_steps", "seed")
-    summary = {k: train[k] for k in keys if k in train}
+    summary = {k: train[k] for k in keys if train.get(k) is not None}
     summary["max_seq_length"] = train.get("max_seq_length") or data.get("max_seq_length")
-    for key in ("world_size", "num_steps", "num_samples", "num_tokens", "cache_fingerprint",
-                "simulated_accept_length", "final_loss"):
-        if run_info.get(key) is not None:
-            summary[key] = run_info[key]
-    for key in ("simulated_accept_length", "target_path", "target_weights_hash", "dataset_hash"):
-        if arch.get(key) is not None and key not in summary:
-            summary[key] = arch[key]
-    return summary
+    summary["world_size"] = run_info.get("world_size")
+    summary["optimizer_steps"] = run_info.get("total_steps")
+    summary["training_samples"] = (run_info.get("source") or {}).get("num_samples")
+    summary["dataset_hash"] = (run_info.get("source") or {}).get("dataset_hash")
+    if last_metrics:
+        summary["final_loss"] = last_metrics.get("loss")
+        summary["final_simulated_accept_length_3"] = last_metrics.get("accept_len_3")
+    return {k: v for k, v in summary.items() if v is not None}
 
 
 def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path | None = None,
@@ -303,7 +310,8 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
         "draft_json": arch, "target_path": str(target_dir) if target_dir else arch.get("target_path"),
         "run": run_info, "run_config": run_config,
     }
-    return write_draft_dir(output, config, selected, provenance, training_summary(run_config, run_info, arch))
+    summary = training_summary(run_config, run_info, last_training_metrics(run_dir))
+    return write_draft_dir(output, config, selected, provenance, summary)
 
 
 def build_untrained_draft(target_dir: str | Path, output: str | Path, seed: int = 0,

@@ -52,10 +52,12 @@ def sharegpt_heldout_set(target_dir: Path) -> PromptSet:
     if not heldout_path.is_file():
         raise UserError(f"prompt set {SHAREGPT_HELDOUT}: the target {target_dir} has no heldout.json "
                         "(only the embedded tiny target records a held-out split); pass a JSONL of prompts")
-    heldout_ids = set(json.loads(heldout_path.read_text())["heldout_ids"])
+    heldout = json.loads(heldout_path.read_text())
+    indices = set(heldout.get("heldout_record_indices") or [])
+    heldout_ids = set(heldout.get("heldout_ids") or [])
     conversations = []
-    for _, record in iter_sharegpt(sharegpt_path()):
-        if str(record.get("id")) not in heldout_ids:
+    for index, record in iter_sharegpt(sharegpt_path()):
+        if index not in indices and str(record.get("id")) not in heldout_ids:
             continue
         try:
             messages = sharegpt_to_messages(record)

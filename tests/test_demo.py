@@ -1,0 +1,58 @@
+"""`eaglecache demo` end to end on the tiny target with the default config: the issue's acceptance targets.
+
+Slow (the whole pipeline: regenerate, prepare, precompute, 2-rank ZeRO-3 training, export, three
+vLLM engines for the benchmark) but it runs in CI: it is the README's main job.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_target):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = subprocess.run([sys.executable, "-m", "eaglecache.cli", "demo", "--output", str(out)],
+                          capture_output=True, text=True, timeout=45 * 60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"out": out, "stdout": proc.stdout, "results": json.loads((out / "bench" / "results.json").read_text())}
+
+
+def _rows(results, draft):
+    return {r["prompt_set"]: r for r in results["rows"] if r["draft"] == draft}
+
+
+def test_trained_draft_reaches_the_acceptance_target_and_untrained_does_not(demo):
+    trained, untrained = _rows(demo["results"], "trained"), _rows(demo["results"], "untrained")
+    assert set(trained) == set(untrained) == {"humaneval", "sharegpt-heldout"}
+    assert trained["humaneval"]["n"] == 164
+    for name in trained:
+        assert trained[name]["mean_accept_length"] >= 2.5, trained[name]
+        assert untrained[name]["mean_accept_length"] < 1.2, untrained[name]
+
+
+def test_speculative_decoding_is_lossless_for_both_drafts(demo):
+    for row in demo["results"]["rows"]:
+        assert row["identical_to_target"] == row["n"], row
+
+
+def test_training_simulation_predicts_the_measured_accept_length(demo):
+    from eaglecache.serve.demo import final_simulated_accept_length
+
+    simulated = final_simulated_accept_length(demo["out"] / "run")
+    measured = _rows(demo["results"], "trained")["sharegpt-heldout"]["mean_accept_length"]
+    assert abs(simulated - measured) / measured <= 0.10, (simulated, measured)
+
+
+def test_demo_prints_the_card_and_leaves_every_artifact(demo):
+    out = demo["out"]
+    assert "| draft | prompt set | n | mean accept length |" in demo["stdout"]
+    assert "simulated accept length from training" in demo["stdout"]
+    for path in ("config.yaml", "commands.sh", "dataset/dataset.json", "cache/cache.json",
+                 "run/final/model.safetensors", "draft/config.json", "draft/README.md", "bench/acceptance.png"):
+        assert (out / path).exists(), path
+    assert "Not measured yet" not in (out / "draft" / "README.md").read_text()
