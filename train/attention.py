@@ -86,8 +86,11 @@ def _reference_attention(q, keys, values):
 class _SplitCausalAttention(torch.autograd.Function):
     """Causal flash attention over step-0 keys, merged with the diagonal keys of steps 1..k.
 
-    GQA without copies: the flash kernel takes fewer KV heads itself, and the diagonal
-    terms view the query heads as [kv_heads, group] and broadcast each KV head over its group.
+    The diagonal part is batched: per (batch, position, KV head), the group of query
+    heads [g, d] meets the k diagonal keys [k, d] in one small matmul, in fp32. Work is
+    laid out [B, T, kv_heads, ...], the memory order of the projections and of the
+    flash kernel's output, so no head expansion or transpose copies are needed (GQA
+    included: the kernel itself takes fewer KV heads).
     """
 
     @staticmethod
@@ -96,17 +99,17 @@ class _SplitCausalAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(q.shape[-1])
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, keys[0], values[0], 0.0, True, scale=scale)
-        extra_k, extra_v = keys[1:], values[1:]
-        if extra_k:
-            acc = _accumulation_dtype(q)  # fp32 (or wider), like the kernel's log-sum-exp
-            qg = _grouped(q, keys[0].shape[1]).to(acc)
-            scores = [_diagonal_scores(qg, k.to(acc), scale) for k in extra_k]
-            lse = _grouped(lse[..., None], keys[0].shape[1])[..., 0].to(acc)
-            merged_lse = torch.logsumexp(torch.stack([lse, *scores]), dim=0)
-            merged = _grouped(out, keys[0].shape[1]).to(acc) * torch.exp(lse - merged_lse)[..., None]
-            for score, v in zip(scores, extra_v):
-                merged += torch.exp(score - merged_lse)[..., None] * v.to(acc)[:, :, None]
-            out, lse = merged.flatten(1, 2).to(q.dtype), merged_lse.flatten(1, 2)
+        if num_steps > 1:
+            kv_heads, acc = keys[0].shape[1], _accumulation_dtype(q)
+            extra_k, extra_v = _stack_extra(keys[1:], acc), _stack_extra(values[1:], acc)
+            scores = _by_position(q, kv_heads).to(acc) @ extra_k.transpose(-1, -2) * scale  # [B, T, kv, g, k]
+            causal_lse = _by_position(lse, kv_heads).to(acc)  # [B, T, kv, g]
+            merged_lse = torch.logaddexp(causal_lse, torch.logsumexp(scores, dim=-1))
+            probs = torch.exp(scores - merged_lse[..., None])
+            merged = _by_position(out, kv_heads).to(acc) * torch.exp(causal_lse - merged_lse)[..., None]
+            merged = torch.baddbmm(merged.flatten(0, 2), probs.flatten(0, 2), extra_v.flatten(0, 2)).view(merged.shape)
+            out = _by_head(merged, q.dtype)
+            lse = _by_head(merged_lse, lse.dtype)
         ctx.save_for_backward(q, out, lse, *keys, *values)
         ctx.num_steps, ctx.scale = num_steps, scale
         return out
@@ -115,38 +118,42 @@ class _SplitCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, out, lse, *kv = ctx.saved_tensors
         keys, values = kv[:ctx.num_steps], kv[ctx.num_steps:]
-        kv_heads = keys[0].shape[1]
-        grad_out = grad_out.contiguous()
         # Given the merged output and log-sum-exp, the kernel's P = exp(QK^T*s - lse) and
         # D = rowsum(dO * O) are those of the merged softmax restricted to the causal keys.
         grad_q, grad_k0, grad_v0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, keys[0], values[0], out, lse, 0.0, True, scale=ctx.scale)
-        grad_keys, grad_values = [grad_k0], [grad_v0]
-        if ctx.num_steps > 1:
-            acc = _accumulation_dtype(q)
-            dout, qg = _grouped(grad_out, kv_heads).to(acc), _grouped(q, kv_heads).to(acc)
-            lse_g = _grouped(lse[..., None], kv_heads)[..., 0]
-            delta = (dout * _grouped(out, kv_heads).to(acc)).sum(-1)
-            grad_qg = _grouped(grad_q, kv_heads).to(acc)
-            for k, v in zip(keys[1:], values[1:]):
-                kf, vf = k.to(acc)[:, :, None], v.to(acc)[:, :, None]
-                prob = torch.exp(_diagonal_scores(qg, k.to(acc), ctx.scale) - lse_g)
-                dscore = prob * ((dout * vf).sum(-1) - delta) * ctx.scale
-                grad_qg += dscore[..., None] * kf
-                grad_keys.append((dscore[..., None] * qg).sum(2).to(k.dtype))
-                grad_values.append((prob[..., None] * dout).sum(2).to(v.dtype))
-            grad_q = grad_qg.flatten(1, 2).to(q.dtype)
+        if ctx.num_steps == 1:
+            return grad_q, None, grad_k0, grad_v0
+        kv_heads, acc = keys[0].shape[1], _accumulation_dtype(q)
+        extra_k, extra_v = _stack_extra(keys[1:], acc), _stack_extra(values[1:], acc)
+        qp, dout = _by_position(q, kv_heads).to(acc), _by_position(grad_out, kv_heads).to(acc)
+        delta = torch.linalg.vecdot(dout, _by_position(out, kv_heads).to(acc))  # [B, T, kv, g]
+        probs = torch.exp(qp @ extra_k.transpose(-1, -2) * ctx.scale - _by_position(lse, kv_heads)[..., None])
+        dscores = probs * (dout @ extra_v.transpose(-1, -2) - delta[..., None]) * ctx.scale  # [B, T, kv, g, k]
+        grad_q = grad_q + _by_head(dscores @ extra_k, q.dtype)
+        grad_extra_k = dscores.transpose(-1, -2) @ qp  # [B, T, kv, k, d]
+        grad_extra_v = probs.transpose(-1, -2) @ dout
+        grad_keys = [grad_k0] + [grad_extra_k[:, :, :, j].transpose(1, 2).to(k.dtype)
+                                 for j, k in enumerate(keys[1:])]
+        grad_values = [grad_v0] + [grad_extra_v[:, :, :, j].transpose(1, 2).to(v.dtype)
+                                   for j, v in enumerate(values[1:])]
         return (grad_q, None, *grad_keys, *grad_values)
 
 
-def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[B, heads, T, d] -> [B, kv_heads, group, T, d] (a view): query heads by the KV head they share."""
-    return x.view(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+def _by_position(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, heads, T, ...] -> [B, T, kv_heads, group, ...] (query heads by the KV head they share)."""
+    x = x.transpose(1, 2)
+    return x.reshape(x.shape[0], x.shape[1], kv_heads, x.shape[2] // kv_heads, *x.shape[3:])
 
 
-def _diagonal_scores(q_grouped: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """q . k at the same position: [B, kv, g, T, d] x [B, kv, T, d] -> [B, kv, g, T]."""
-    return (q_grouped * key[:, :, None]).sum(-1) * scale
+def _by_head(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``_by_position``: [B, T, kv, g, ...] -> [B, heads, T, ...]."""
+    return x.to(dtype).flatten(2, 3).transpose(1, 2)
+
+
+def _stack_extra(tensors, dtype) -> torch.Tensor:
+    """Diagonal keys (or values) of steps 1..k, each [B, kv, T, d] -> [B, T, kv, k, d]."""
+    return torch.stack([t.transpose(1, 2).to(dtype) for t in tensors], dim=3)
 
 
 @functools.lru_cache(maxsize=64)

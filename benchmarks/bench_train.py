@@ -1,0 +1,181 @@
+"""Training throughput at the peer's dimensions: tokens/s, data wait, peak memory and MFU.
+
+The real trainer (``eaglecache.train.main.train``: DeepSpeed ZeRO-3 engine, the
+streaming loader over a Zarr cache written by precompute's writer, the TTT loss)
+runs in a child process per dtype, at design-notes section 10's dimensions:
+hidden 1024, intermediate 2816, 8 heads / 2 KV heads (head 128), vocab 8192,
+sequence 2048, TTT 7, batch 1. Features and the frozen head are random (speed
+does not depend on their values).
+
+MFU = model FLOPs / step time / matmul peak, the peak measured in the same child
+(a square matmul of the training dtype, best of several, before and after the
+steps; the higher is used). Model FLOPs are counted as section 10 states (matmuls
+only, N = batch * seq, d = head size, T = TTT steps):
+forward = 2N*3H^2 + T*[2N*(2H*(heads + 2*kv)*d + heads*d*H + 3*H*I + H*V) + 4*b*heads*S^2*d]
+          + sum_{k<T} 4N*heads*d*k;  a training step = 3 x forward.
+The peer (SpecForge, sdpa) measured 88 tokens/s fp32 and 153 tokens/s bf16 on this
+kind of machine; the targets are >= 55 % MFU and more tokens/s than that.
+
+    python benchmarks/bench_train.py                 # fp32 and bf16, 4 timed steps each
+    python benchmarks/bench_train.py --dtype bfloat16 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEER_TOKENS_PER_S = {"float32": 88.0, "bfloat16": 153.0}
+DIMS = dict(hidden=1024, intermediate=2816, heads=8, kv_heads=2, vocab=8192, seq=2048, ttt=7, batch=1)
+
+
+def step_flops(hidden, intermediate, heads, kv_heads, vocab, seq, ttt, batch) -> float:
+    """FLOPs of one training step, counted as design-notes section 10 states."""
+    n, d = batch * seq, hidden // heads
+    per_step = (2 * n * (2 * hidden * (heads + 2 * kv_heads) * d + heads * d * hidden
+                         + 3 * hidden * intermediate + hidden * vocab) + 4 * batch * heads * seq * seq * d)
+    forward = 2 * n * 3 * hidden ** 2 + ttt * per_step + sum(4 * n * heads * d * k for k in range(ttt))
+    return 3.0 * forward
+
+
+def matmul_peak(dtype, size: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def make_inputs(root: Path, num_samples: int) -> tuple[Path, Path]:
+    """A random target head (config.json + the three tensors) and a Zarr cache of random features."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from eaglecache.precompute.store import PartWriter, create_or_check_cache
+    from eaglecache.target import weights_hash
+
+    h, v, seq = DIMS["hidden"], DIMS["vocab"], DIMS["seq"]
+    target = root / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": DIMS["intermediate"],
+        "num_attention_heads": DIMS["heads"], "num_key_value_heads": DIMS["kv_heads"], "head_dim": h // DIMS["heads"],
+        "num_hidden_layers": 16, "vocab_size": v, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False}))
+    gen = torch.Generator().manual_seed(0)
+    save_file({"model.embed_tokens.weight": torch.randn(v, h, generator=gen) * 0.02,
+               "model.norm.weight": torch.ones(h), "lm_head.weight": torch.randn(v, h, generator=gen) * 0.02},
+              str(target / "model.safetensors"))
+    meta = {"aux_layer_ids": [2, 8, 13], "final_layer_id": 16, "final_prenorm": True, "hidden_size": h,
+            "vocab_size": v, "target_weights_hash": weights_hash(target), "dtype": "bfloat16", "codec": "zstd",
+            "codec_level": 1, "chunk_tokens": 1024, "shard_tokens": 4 * seq, "num_parts": 1}
+    cache = root / "cache"
+    create_or_check_cache(cache, meta)
+    writer = PartWriter(cache, 0, 1, meta)
+    for sid in range(num_samples):
+        writer.add(sid, torch.randint(0, v, (seq,), generator=gen).numpy().astype(np.int32),
+                   np.ones(seq, np.uint8), torch.randn(seq, 3, h, generator=gen).to(torch.bfloat16),
+                   torch.randn(seq, h, generator=gen).to(torch.bfloat16))
+    writer.close()
+    return target, cache
+
+
+def child(args) -> dict:
+    """One dtype: train args.steps + 1 steps (the first is warm-up) and measure."""
+    import logging
+
+    import torch
+
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(args.port), "DS_ACCELERATOR": "cpu"})
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from eaglecache.config import load_config
+    from eaglecache.precompute.store import open_cache
+    from eaglecache.train.engine import init_distributed
+    from eaglecache.train.main import train
+
+    dtype = getattr(torch, args.dtype)
+    peak_before = matmul_peak(dtype)
+    rank, world, device = init_distributed()
+    config = load_config(None, [
+        f"train.dtype={args.dtype}", "train.global_batch_size=1", "train.micro_batch_size=1",
+        f"train.max_seq_length={DIMS['seq']}", f"train.ttt_length={DIMS['ttt']}", "train.log_interval=1",
+        "train.checkpoint_interval=1000000", "train.gradient_checkpointing=false", "train.loader_workers=2",
+        f"train.max_steps={args.steps + 1}", f"train.loss_chunk_tokens={args.loss_chunk_tokens}"])
+    run_dir = Path(args.workdir) / f"run-{args.dtype}"
+    run_dir.mkdir()
+    train(config, run_dir, open_cache(Path(args.workdir) / "cache"), target_dir=Path(args.workdir) / "target",
+          rank=rank, world_size=world, device=device)
+    peak_after = matmul_peak(dtype)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    tokens = sum(r["tokens"] for r in records)
+    step_s = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+    wait = sum(r["data_wait_fraction"] * r["tokens"] / r["tokens_per_s"] for r in records)
+    flops = step_flops(**DIMS)
+    peak = max(peak_before, peak_after)
+    return {"dtype": args.dtype, "steps": len(records), "tokens_per_s": tokens / step_s,
+            "step_s": step_s / len(records), "data_wait_fraction": wait / step_s,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "model_gflops_per_s": flops * len(records) / step_s / 1e9,
+            "matmul_peak_gflops": [peak_before / 1e9, peak_after / 1e9],
+            "mfu": flops * len(records) / step_s / peak}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per dtype (after one warm-up step)")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=2048)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.dtype = args.dtype[0]
+        print("RESULT " + json.dumps(child(args)))
+        return
+    flops = step_flops(**DIMS)
+    print(f"dims {DIMS}; model FLOPs per step {flops / 1e9:.0f} GFLOP (section 10 count); "
+          f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        make_inputs(Path(tmp), num_samples=args.steps + 1)
+        for dtype in args.dtype:
+            cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--steps", str(args.steps),
+                   "--workdir", tmp, "--port", str(_free_port()), "--loss-chunk-tokens", str(args.loss_chunk_tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"{dtype} run failed")
+            r = json.loads(line[len("RESULT "):])
+            peer = PEER_TOKENS_PER_S[dtype]
+            print(f"{dtype:9s} {r['tokens_per_s']:7.1f} tokens/s (peer {peer:.0f}, x{r['tokens_per_s'] / peer:.2f}) | "
+                  f"step {r['step_s']:.1f} s | data wait {100 * r['data_wait_fraction']:.1f} % | "
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB | {r['model_gflops_per_s']:.0f} model GFLOP/s vs matmul "
+                  f"peak {max(r['matmul_peak_gflops']):.0f} (before {r['matmul_peak_gflops'][0]:.0f}, after "
+                  f"{r['matmul_peak_gflops'][1]:.0f}) -> MFU {100 * r['mfu']:.1f} % (target >= 55 %)")
+
+
+if __name__ == "__main__":
+    main()
