@@ -307,7 +307,8 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
     provenance = {
         "source": "training run", "run_dir": str(run_dir.resolve()),
         "run_weights_sha256": file_sha256(run_dir / "final" / "model.safetensors"),
-        "draft_json": arch, "target_path": str(target_dir) if target_dir else arch.get("target_path"),
+        "draft_json": arch,
+        "target_path": str(target_dir) if target_dir else (run_config.get("target") or {}).get("path") or "tiny target",
         "run": run_info, "run_config": run_config,
     }
     summary = training_summary(run_config, run_info, last_training_metrics(run_dir))
@@ -332,18 +333,13 @@ def resolve_target_dir(config) -> Path:
     return Path(resolve_target(config))
 
 
-def engine_max_model_len(config) -> int:
-    """Context length given to vLLM: target.max_model_len, else data.max_seq_length."""
-    return int(config.target.max_model_len or config.data.max_seq_length)
-
-
 def run_export(config, args) -> int:
     run_dir = Path(args.checkpoint)
     if not run_dir.is_dir():
         raise UserError(f"checkpoint directory not found: {run_dir}")
     # The target is only read when the run left out the (shared, frozen) final norm.
     target_dir = resolve_target_dir(config) if _lacks_norm(run_dir) else None
-    output = export_run(run_dir, args.output, target_dir, config.target.weights_prefix, engine_max_model_len(config))
+    output = export_run(run_dir, args.output, target_dir, config.target.weights_prefix, config.target.max_model_len)
     exported = json.loads((output / "export.json").read_text())
     size_mib = (output / "model.safetensors").stat().st_size / 2**20
     spec = {"method": "eagle3", "model": str(output), "num_speculative_tokens": config.serve.num_speculative_tokens}
