@@ -8,7 +8,6 @@ used is counted under a reason; the report goes to the terminal and into dataset
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,8 +19,6 @@ from eaglecache.data.config import DataConfig
 from eaglecache.data.schema import write_dataset
 from eaglecache.data.template import ChatTemplate, RenderError
 from eaglecache.errors import UserError
-
-log = logging.getLogger(__name__)
 
 BATCH_CONVERSATIONS = 256  # one tokenizer batch; large enough to keep the Rust threads busy
 DUPLICATE = "duplicate"

@@ -19,7 +19,6 @@ far (counted as cut short); one with no turn regenerated is dropped and counted.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections import Counter
@@ -31,8 +30,6 @@ from tqdm import tqdm
 from eaglecache.data import sources
 from eaglecache.data.template import ChatTemplate, RenderError
 from eaglecache.errors import UserError
-
-log = logging.getLogger(__name__)
 
 PROMPT_TOO_LONG = "prompt_too_long"
 DUPLICATE = "duplicate"
