@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +26,10 @@ from pathlib import Path
 import torch
 
 from eaglecache.errors import UserError
+from eaglecache.target import file_sha256
 from eaglecache.tiny_target import corpus, model as tiny_model, pretrain
 from eaglecache.tiny_target.spec import DOC_SEPARATOR, TinyTargetSpec, build_key, source_hash
-from eaglecache.tiny_target.tokenizer import CHAT_TEMPLATE, train_tokenizer
+from eaglecache.tiny_target.tokenizer import save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +54,6 @@ def _torch_build_settings(num_threads: int):
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _save_tokenizer(tokenizer, output: Path) -> None:
-    """save_pretrained, plus the chat template and a portable class name in tokenizer_config.json."""
-    tokenizer.save_pretrained(output)
-    config_path = output / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # also known to transformers 4.x and vLLM
-    config["chat_template"] = CHAT_TEMPLATE
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True) -> dict:
     """Build the target into ``output`` (an empty or missing directory); returns the build report."""
     start = time.monotonic()
@@ -78,7 +62,7 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
         train_conversations, heldout_conversations = corpus.load_split(spec.heldout_per_mille)
         tokenizer = train_tokenizer(corpus.iter_text(train_conversations, spec.tokenizer_train_chars),
                                     spec.vocab_size)
-        _save_tokenizer(tokenizer, output)
+        save_tokenizer(tokenizer, output)
         tokenizer_s = time.monotonic() - start
 
         random.Random(spec.seed).shuffle(train_conversations)
@@ -116,7 +100,7 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
         "spec": spec.to_dict(),
         "build_key": build_key(spec),
         "code_hash": source_hash(),
-        "sharegpt": {"path": str(sharegpt), "sha256": _file_sha256(sharegpt)},
+        "sharegpt": {"path": str(sharegpt), "sha256": file_sha256(sharegpt)},
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "steps": spec.steps,
         "train_tokens": spec.steps * spec.batch_size * spec.seq_len,
@@ -140,12 +124,33 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
     return report
 
 
+def _build_in_subprocess(spec: TinyTargetSpec, output: Path, progress: bool) -> None:
+    """Run ``build_tiny_target`` in a fresh interpreter with its own OpenMP settings.
+
+    Passive OpenMP waiting matters on a shared CPU: spinning threads made training steps 3-4x
+    slower when other jobs competed for the cores. A child process also keeps the build's
+    thread count and deterministic-kernel switch out of the caller (pytest, a stage).
+    """
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(spec.num_threads),
+               TOKENIZERS_PARALLELISM="true")
+    command = [sys.executable, "-m", "eaglecache.tiny_target.build", str(output), json.dumps(spec.to_dict())]
+    if not progress:
+        command.append("--quiet")
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"tiny target build failed (exit {result.returncode}); see the output above")
+
+
 def _build_atomically(spec: TinyTargetSpec, final: Path, progress: bool) -> dict:
     """Build next to ``final`` and rename into place; an existing ``final`` is replaced."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        report = build_tiny_target(spec, tmp, progress=progress)
+        _build_in_subprocess(spec, tmp, progress)
+        report = json.loads((tmp / BUILD_REPORT).read_text())
+        tmp.chmod(0o755)  # mkdtemp (and safetensors) create owner-only modes; the cache is shared
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if final.exists():
             trash = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(trash)
@@ -209,3 +214,10 @@ def run_build(config, args) -> int:
     print(format_report(report))
     print(f"target: {path}")
     return 0
+
+
+if __name__ == "__main__":  # the build child: python -m eaglecache.tiny_target.build OUTPUT SPEC_JSON [--quiet]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _spec = TinyTargetSpec(**json.loads(sys.argv[2]))
+    print(format_report(build_tiny_target(_spec, Path(sys.argv[1]), progress="--quiet" not in sys.argv)),
+          file=sys.stderr)

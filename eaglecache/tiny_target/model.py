@@ -39,8 +39,7 @@ def llama_config(spec: TinyTargetSpec, bos_id: int, eos_id: int, pad_id: int) ->
 def init_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     """A float32 model whose initial weights depend only on ``config`` and ``seed``."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    return model
+    return LlamaForCausalLM(config).to(torch.float32)
 
 
 def generation_config(config: LlamaConfig) -> GenerationConfig:

@@ -8,6 +8,7 @@ return_assistant_tokens_mask=True, return_dict=True)`` gives the loss mask direc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -60,4 +61,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output: Path) -> None:
+    """save_pretrained, plus the chat template and a portable class name in tokenizer_config.json.
+
+    transformers 5 writes the template to chat_template.jinja and names its own class; older
+    readers (transformers 4.x) look in tokenizer_config.json and know PreTrainedTokenizerFast.
+    """
     tokenizer.save_pretrained(output)
+    config_path = output / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
