@@ -104,8 +104,7 @@ def _last_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
-def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: dict[str, Any],
-                master_port: int) -> dict[str, Any]:
+def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Train one variant (or find it done); returns its variant.json record."""
     from eaglecache.train.launch import run_train
 
@@ -113,7 +112,6 @@ def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: 
     run_dir = Path(args.output) / name
     record_path = run_dir / "variant.json"
     config = load_config(base_config_path, list(base_overrides) + override_strings(overrides))
-    config.train.launcher.master_port = master_port
     fingerprint = {**fingerprint, "config": config.fingerprint("target", "train")}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -146,15 +144,13 @@ def run_ablate(config, args) -> int:
     variants = expand(grid)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     fingerprint = {"cache": cache_fingerprint(args.cache), "code": code_version()}
-    base_port = config.train.launcher.master_port
     print(f"{len(variants)} variants from {args.cache} into {args.output}")
 
-    def job(indexed):
-        index, overrides = indexed
-        return run_variant(args.config, args.overrides, overrides, args, fingerprint, base_port + index)
+    def job(overrides):  # each variant's launcher picks its own free rendezvous port
+        return run_variant(args.config, args.overrides, overrides, args, fingerprint)
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        records = list(pool.map(job, enumerate(variants)))
+        records = list(pool.map(job, variants))
     failed = [r["name"] for r in records if r["status"] != "done"]
     table = write_report(Path(args.output), records, list(grid))
     print(table)

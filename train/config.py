@@ -20,7 +20,10 @@ class LauncherConfig(Section):
     num_gpus: int = Field(2, ge=1, description="Processes per node (GPUs, or CPU ranks with DS_ACCELERATOR=cpu).")
     num_nodes: int = Field(1, ge=1, description="Nodes; >1 needs a hostfile.")
     hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile for multi-node runs.")
-    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port.")
+    master_port: Optional[int] = Field(
+        None, ge=1, le=65535,
+        description="Rendezvous port; null: a free port on one node (so runs side by side never collide), 29500 on several.",
+    )
 
 
 class TrainConfig(Section):

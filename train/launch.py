@@ -88,10 +88,25 @@ def write_run_config(config, run_dir: Path) -> None:
     os.replace(tmp, path)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for a single-node rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def master_port(launcher) -> int:
+    if launcher.master_port is not None:
+        return launcher.master_port
+    return 29500 if launcher.num_nodes > 1 else free_port()
+
+
 def launcher_command(config, args, run_dir: Path) -> list[str]:
     lc = config.train.launcher
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(lc.num_gpus),
-           "--master_port", str(lc.master_port)]
+           "--master_port", str(master_port(lc))]
     if lc.hostfile:
         cmd += ["--hostfile", lc.hostfile, "--num_nodes", str(lc.num_nodes)]
     cmd += ["--module", "eaglecache.train.main", "--run-dir", str(run_dir)]
