@@ -113,7 +113,7 @@ def run_precompute(config, args, llm=None) -> int:
     from tqdm import tqdm
 
     from eaglecache.data.schema import open_dataset
-    from eaglecache.precompute.engine import build_engine, prefill
+    from eaglecache.precompute.engine import build_engine, check_fits, prefill
     from eaglecache.precompute.store import create_or_check_cache, part_name
     from eaglecache.target import resolve_target
 
@@ -129,7 +129,8 @@ def run_precompute(config, args, llm=None) -> int:
     target_path = resolve_target(config)
     aux_layer_ids, num_layers = resolve_layers(config, target_path)
     metadata = cache_metadata(config, dataset, target_path, aux_layer_ids, num_parts, num_samples)
-    start, stop = split_parts(dataset.num_tokens_array()[:num_samples], num_parts)[part_index]
+    num_tokens = dataset.num_tokens_array()[:num_samples]
+    start, stop = split_parts(num_tokens, num_parts)[part_index]
     create_or_check_cache(args.output, metadata)
     if pc.fp8:
         log.warning("precompute.fp8 is ON: states are stored LOSSY as FP8 e4m3 with a scale per token and layer; "
@@ -138,6 +139,8 @@ def run_precompute(config, args, llm=None) -> int:
     own_engine = llm is None
     if own_engine:
         llm = build_engine(config, target_path, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
+    if stop > start:
+        check_fits(llm, int(num_tokens[start:stop].max()))
     opened = _rpc(llm, "eaglecache_open_part", str(args.output), part_index, num_parts, metadata,
                   [start, stop], pc.max_pending_gib << 30)
     name = part_name(part_index, num_parts)
@@ -147,7 +150,7 @@ def run_precompute(config, args, llm=None) -> int:
         return 0
     committed = set(opened["committed"])
     todo = [s for s in range(start, stop) if s not in committed]
-    todo_tokens = int(dataset.num_tokens_array()[todo].sum()) if todo else 0
+    todo_tokens = int(num_tokens[todo].sum())
     log.info("%s: samples %d..%d (%d to do, %d already committed), %d tokens", name, start, stop - 1,
              len(todo), len(committed), todo_tokens)
 

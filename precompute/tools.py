@@ -139,6 +139,6 @@ def _repair(parts, damaged: dict[Path, list[dict]]) -> None:
         for name in names:  # moved aside first, so a crash here leaves nothing half-listed
             if (part_dir / name).exists():
                 os.rename(part_dir / name, part_dir / f"{name}.tmp-damaged")
-        write_json_atomic(part_dir / PART_FILE, record)
+        write_json_atomic(part_dir / PART_FILE, record, compact=True)
         print(f"repair: {part_dir.name}: {len(names)} shards ({sum(s['num_samples'] for s in bad)} samples) "
               "re-queued; rerun precompute for this part")
