@@ -145,3 +145,41 @@ def test_cache_and_memory_train_bit_identically(tmp_path, tiny_target, single_ra
     records = [json.loads(line) for line in (runs["cache"] / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["acc_0"] <= 1.0 and r["accept_len_3"] >= 1.0 for r in records)
     assert list((runs["cache"] / "tb").iterdir())
+
+
+def test_reduced_vocab_trains_its_own_head_and_checkpointing_changes_nothing(tmp_path, tiny_target, single_rank):
+    from eaglecache.data.vocab import save_vocab, select_draft_vocab
+    from eaglecache.serve.export import select_draft_tensors, vllm_draft_config
+    from eaglecache.train.main import train
+
+    rank, world, device = single_rank
+    samples = feature_samples(tiny_target, num=8)
+    cfg = target_config(tiny_target)
+    memory = InMemoryFeatures(samples, {"aux_layer_ids": [2, 4, 5], "hidden_size": cfg["hidden_size"],
+                                        "vocab_size": cfg["vocab_size"]})
+    counts = np.zeros(cfg["vocab_size"], dtype=np.int64)
+    for s in samples:
+        np.add.at(counts, s.input_ids[s.loss_mask.astype(bool)], 1)
+    d2t, t2d = select_draft_vocab(counts, 256)
+    save_vocab(tmp_path / "vocab.safetensors", d2t, t2d, {"draft_vocab_size": 256})
+    runs = {}
+    for checkpointing in (False, True):
+        run_dir = tmp_path / f"run-{checkpointing}"
+        run_dir.mkdir()
+        config = load_config(None, TINY_RUN + [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+        train(config, run_dir, memory, target_dir=tiny_target, vocab_path=str(tmp_path / "vocab.safetensors"),
+              rank=rank, world_size=world, device=device)
+        runs[checkpointing] = run_dir
+    assert losses(runs[False]) == losses(runs[True])
+    plain, recomputed = fp32_weights(runs[False]), fp32_weights(runs[True])
+    assert set(plain) == EXPECTED_TENSORS | {"lm_head.weight"}
+    assert all(torch.equal(plain[n], recomputed[n]) for n in plain)
+    with safe_open(str(runs[False] / "final" / "model.safetensors"), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    assert tensors["lm_head.weight"].shape == (256, cfg["hidden_size"])
+    assert torch.equal(tensors["d2t"], torch.from_numpy(d2t)) and torch.equal(tensors["t2d"], torch.from_numpy(t2d))
+    arch = json.loads((runs[False] / "final" / "draft.json").read_text())
+    assert arch["draft_vocab_size"] == 256
+    # the export stage accepts exactly this file for a reduced-vocab draft
+    exported = select_draft_tensors(tensors, vllm_draft_config(arch))
+    assert {"lm_head.weight", "d2t"} <= set(exported)

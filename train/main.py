@@ -41,10 +41,12 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
     if vocab_path:
         from eaglecache.data.vocab import load_vocab
 
-        d2t_np, _, _ = load_vocab(vocab_path)
+        d2t_np, t2d_np, _ = load_vocab(vocab_path)
         d2t = torch.from_numpy(d2t_np).to(torch.int64)
         draft_vocab_size = len(d2t)
     tcfg = target_config(target_dir)
+    if d2t is not None and len(t2d_np) != int(tcfg["vocab_size"]):
+        raise UserError(f"{vocab_path} maps into a vocab of {len(t2d_np)}, the target has {tcfg['vocab_size']}")
     if int(tcfg["vocab_size"]) != int(source_metadata["vocab_size"]) or \
             int(tcfg["hidden_size"]) != int(source_metadata["hidden_size"]):
         raise UserError(f"target {target_dir} (hidden {tcfg['hidden_size']}, vocab {tcfg['vocab_size']}) does not "
