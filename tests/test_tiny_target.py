@@ -1,7 +1,9 @@
 """The embedded tiny target: deterministic build, loss-mask template, a real LM, served by vLLM."""
 
+import concurrent.futures
 import hashlib
 import json
+import time
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eaglecache.target import chat_template_hash, default_aux_layer_ids, target_layer_count, weights_hash
 from eaglecache.tiny_target import corpus
+from eaglecache.tiny_target import build
+from eaglecache.tiny_target.build import BUILD_REPORT, HELDOUT_FILE, build_tiny_target, ensure_tiny_target
 from eaglecache.tiny_target.model import init_model, llama_config
-from eaglecache.tiny_target.build import BUILD_REPORT, HELDOUT_FILE, build_tiny_target
 from eaglecache.tiny_target.spec import TinyTargetSpec
 from eaglecache.tiny_target.tokenizer import train_tokenizer
 
@@ -47,6 +50,28 @@ def test_build_is_deterministic_in_its_spec(tmp_path):
     config = llama_config(spec, bos_id=0, eos_id=2, pad_id=3)
     weights = [init_model(config, seed).model.embed_tokens.weight for seed in (spec.seed, spec.seed + 1)]
     assert not torch.equal(weights[0], weights[1])
+
+
+def test_concurrent_ensure_builds_once_and_second_call_is_instant(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_build(spec, output, progress):  # the locking and renaming are what is tested here
+        calls.append(output)
+        time.sleep(0.5)
+        (output / "config.json").write_text("{}")
+        (output / BUILD_REPORT).write_text(json.dumps({"spec": spec.to_dict()}))
+
+    monkeypatch.setattr(build, "_build_in_subprocess", fake_build)
+    final = tmp_path / "target"
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: ensure_tiny_target(output=final), range(3)))
+    assert paths == [final] * 3 and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".target.lock", "target"]  # no temp dir left
+    start = time.monotonic()
+    assert ensure_tiny_target(output=final) == final
+    assert time.monotonic() - start < 0.1 and len(calls) == 1
+    ensure_tiny_target(output=final, force=True)
+    assert len(calls) == 2
 
 
 def test_cached_tokenizer_is_the_one_its_spec_trains(tiny_target):
@@ -115,6 +140,7 @@ def test_model_is_a_real_language_model_clearly_below_unigram(tiny_target, token
     model_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     counts = torch.bincount(train_tokens, minlength=len(tokenizer)).double() + 1
     unigram_loss = -(counts / counts.sum()).log()[windows[:, 1:].reshape(-1)].mean()
+    print(f"recomputed on held-out windows: model {model_loss.item():.3f} nats, unigram {unigram_loss.item():.3f}")
     assert model_loss.item() < unigram_loss.item() - 1.0, (model_loss.item(), unigram_loss.item())
 
 
