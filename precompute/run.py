@@ -165,6 +165,8 @@ def run_precompute(config, args, llm=None) -> int:
             if time.perf_counter() - last_poll > 2.0:
                 last_poll = time.perf_counter()
                 status = _rpc(llm, "eaglecache_part_status")
+                if status["error"]:
+                    raise RuntimeError(f"hidden-state writer failed: {status['error']}")
                 bar.set_postfix_str(f"{status['bytes_written'] / 1e9:.2f} GB written")
         bar.close()
         _wait_for_writer(llm, len(todo))

@@ -173,6 +173,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
             name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
             compressors=_compressors(codec, codec_level, data.dtype.itemsize) if per_token else None,
             fill_value=0,
+            chunk_key_encoding={"name": "default", "separator": "."},  # c.0.0.0: no nested dirs to fsync
         )
         array[...] = data
     with _consolidated_metadata():

@@ -74,7 +74,7 @@ def test_verify_names_the_damaged_shard_and_repair_requeues_it(tmp_path, capsys)
     assert run_verify(None, args) == 0
     cache = open_cache(tmp_path)
     victim = cache.shard_paths[1]
-    shard_file = victim / "aux" / "c" / "0" / "0" / "0"
+    shard_file = victim / "aux" / "c.0.0.0"
     data = bytearray(shard_file.read_bytes())
     data[len(data) // 3] ^= 0xFF  # one flipped byte inside a compressed chunk
     shard_file.write_bytes(bytes(data))
@@ -93,3 +93,11 @@ def test_verify_names_the_damaged_shard_and_repair_requeues_it(tmp_path, capsys)
     writer = PartWriter(tmp_path, 0, 1, META)  # what the next precompute run of the part does
     assert not victim.with_name(victim.name + ".tmp-damaged").exists()
     assert writer.committed == {int(s) for s in partial.sample_ids}
+
+
+def test_precompute_refuses_a_shard_index_outside_the_job_array(tmp_path, capsys):
+    from eaglecache.cli import main
+
+    assert main(["precompute", "--input", str(tmp_path), "--output", str(tmp_path / "c"),
+                 "--shard-index", "2", "--num-shards", "2"]) == 2
+    assert "--shard-index 2 must be in 0..1" in capsys.readouterr().err
