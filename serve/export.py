@@ -194,6 +194,11 @@ def random_draft_tensors(arch: Mapping[str, Any], seed: int) -> dict[str, torch.
     for name in ("midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
                  "midlayer.post_attention_layernorm.weight", "norm.weight"):
         tensors[name] = torch.ones(hidden)
+    draft_vocab, vocab = config["draft_vocab_size"], config["vocab_size"]
+    if draft_vocab < vocab:  # a reduced vocab of the first draft_vocab target ids
+        tensors["lm_head.weight"] = torch.randn((draft_vocab, hidden), generator=generator) * std
+        tensors["d2t"] = torch.zeros(draft_vocab, dtype=torch.int64)
+        tensors["t2d"] = torch.arange(vocab) < draft_vocab
     return tensors
 
 
@@ -316,11 +321,12 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
 
 
 def build_untrained_draft(target_dir: str | Path, output: str | Path, seed: int = 0,
-                          aux_layer_ids: list[int] | None = None, max_model_len: int | None = None) -> Path:
+                          aux_layer_ids: list[int] | None = None, max_model_len: int | None = None,
+                          draft_vocab_size: int | None = None) -> Path:
     """A randomly initialised one-layer draft for `target_dir`, exported like a trained one."""
-    arch = draft_architecture(target_dir, aux_layer_ids)
+    arch = draft_architecture(target_dir, aux_layer_ids, draft_vocab_size)
     config = vllm_draft_config(arch, max_model_len)
-    tensors = {n: t.to(torch.bfloat16) for n, t in random_draft_tensors(arch, seed).items()}
+    tensors = select_draft_tensors(random_draft_tensors(arch, seed), config)
     provenance = {"source": "untrained (random init)", "seed": seed, "target_path": str(Path(target_dir).resolve()),
                   "target_config_sha256": file_sha256(Path(target_dir) / "config.json"), "draft_json": arch}
     return write_draft_dir(output, config, tensors, provenance, training=None)

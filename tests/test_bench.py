@@ -1,8 +1,9 @@
 """`eaglecache bench` on the tiny target in vLLM: lossless greedy decoding, consistent counters, the outputs.
 
-One bench run (target alone, then target + an untrained draft, over three prompt sets) is shared by
-the module. An untrained draft has its tokens rejected, so acceptance near zero is expected here;
-the trained draft's acceptance is checked by test_demo.py.
+One bench run is shared by the module: the target alone, then with an untrained draft with a reduced
+draft vocab (its own LM head and d2t/t2d), over three prompt sets. Untrained drafts have their tokens
+rejected, so acceptance near zero is expected here. Full-vocab drafts (sharing the target's LM head)
+run in test_serve.py, and `--untrained-baseline` and a trained draft in test_demo.py.
 """
 
 import json
@@ -24,7 +25,7 @@ SETTINGS = [f"serve.max_prompts={NUM_PROMPTS}", "serve.max_new_tokens=24", "serv
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, tiny_target):
     root = tmp_path_factory.mktemp("bench")
-    draft = build_untrained_draft(tiny_target, root / "draft", seed=0)
+    draft = build_untrained_draft(tiny_target, root / "reduced", seed=0, draft_vocab_size=1024)
     prompts = root / "mine.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "Write a haiku about the sea."},
@@ -35,7 +36,7 @@ def bench(tmp_path_factory, tiny_target):
     proc = subprocess.run(
         [sys.executable, "-m", "eaglecache.cli", "bench", "--draft", str(draft), "--prompts", "humaneval",
          "sharegpt-heldout", str(prompts), "--output", str(out), f"target.path={tiny_target}", *SETTINGS],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"draft": draft, "out": out, "stdout": proc.stdout,
             "results": json.loads((out / "results.json").read_text())}
@@ -43,7 +44,8 @@ def bench(tmp_path_factory, tiny_target):
 
 def test_greedy_outputs_with_and_without_the_draft_are_identical(bench):
     rows = bench["results"]["rows"]
-    assert [r["prompt_set"] for r in rows] == ["humaneval", "sharegpt-heldout", "mine"]
+    assert [(r["draft"], r["prompt_set"]) for r in rows] == [
+        ("reduced", name) for name in ("humaneval", "sharegpt-heldout", "mine")]
     for row in rows:
         assert row["n"] > 0 and row["identical_to_target"] == row["n"], row
 
@@ -73,9 +75,10 @@ def test_results_files_and_model_card(bench):
     assert "mean accept length" in bench["stdout"]
     results = bench["results"]
     assert results["format"] == "eaglecache.bench" and len(results["prompt_sets"]) == 3
+    assert results["drafts"]["reduced"]["source"].startswith("untrained")
     assert all(len(s["sha256"]) == 64 for s in results["prompt_sets"])
     card = (bench["draft"] / "README.md").read_text()
-    assert "Not measured yet" not in card and "| draft | humaneval |" in card
+    assert "Not measured yet" not in card and "| reduced | humaneval |" in card
 
 
 def test_prometheus_text_and_snapshot_deltas_agree():
