@@ -48,6 +48,7 @@ class StateSink:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self.received: set[int] = set()
+        self._shards_before = len(writer.record["shards"])  # a resumed part: count only this run's
         self.stats = {"samples": 0, "tokens": 0, "skipped": 0, "state_bytes": 0, "write_seconds": 0.0}
         self._thread = threading.Thread(target=self._run, name="eaglecache-writer", daemon=True)
         self._thread.start()
@@ -103,8 +104,9 @@ class StateSink:
             raise RuntimeError(f"hidden-state writer failed: {self._error!r}") from self._error
 
     def status(self) -> dict[str, Any]:
+        written = self.writer.record["shards"][self._shards_before:]
         return {"received": len(self.received), "error": repr(self._error) if self._error else None,
-                "bytes_written": sum(s["nbytes"] for s in self.writer.record["shards"]), **self.stats}
+                "bytes_written": sum(s["nbytes"] for s in written), **self.stats}
 
     def close(self, complete: bool) -> dict[str, Any]:
         """Drain the queue, commit the last shard and (when ``complete``) mark the part done."""
@@ -114,5 +116,5 @@ class StateSink:
         started = time.perf_counter()
         record = self.writer.close(complete=complete)
         self.stats["write_seconds"] += time.perf_counter() - started
-        return {**self.status(), "num_shards": len(record["shards"]),
+        return {**self.status(), "num_shards": len(record["shards"]) - self._shards_before,
                 "skipped_samples": record["skipped"], "complete": record["complete"]}

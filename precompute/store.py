@@ -466,12 +466,13 @@ class FeatureCache:
         """Tokens of every stored sample, in ``sample_ids`` order."""
         return self._length.copy()
 
-    def shard(self, index: int):
-        """The opened Zarr group of shard ``index`` (kept in a small LRU)."""
+    def shard(self, index: int) -> dict[str, Any]:
+        """The opened Zarr arrays of shard ``index`` by name (kept in a small LRU)."""
         group = self._open.get(index)
         if group is None:
             with _consolidated_metadata():
-                group = zarr.open_group(self.shard_paths[index], mode="r", use_consolidated=True)
+                opened = zarr.open_group(self.shard_paths[index], mode="r", use_consolidated=True)
+            group = dict(opened.arrays())
             self._open[index] = group
             if len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
