@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eaglecache.train.attention import resolve_implementation, ttt_attention, ttt_mask
+from eaglecache.train.attention import KeyCache, resolve_implementation, ttt_attention, ttt_mask
 
 
 def random_inputs(steps, dtype, batch=2, heads=4, kv_heads=2, length=11, dim=16, seed=0):
@@ -18,6 +18,13 @@ def random_inputs(steps, dtype, batch=2, heads=4, kv_heads=2, length=11, dim=16,
     return q, keys, values, grad_out
 
 
+def attend(q, keys, values, implementation):
+    cache = KeyCache()
+    for k, v in zip(keys, values):
+        cache = cache.append(k, v, implementation)
+    return ttt_attention(q, cache, implementation)
+
+
 def test_mask_is_causal_on_step_zero_and_diagonal_on_later_steps():
     mask = ttt_mask(4, 3, torch.device("cpu"))
     assert mask.shape == (4, 12)
@@ -28,7 +35,7 @@ def test_mask_is_causal_on_step_zero_and_diagonal_on_later_steps():
 
 def test_reference_equals_attention_written_out_per_query():
     q, keys, values, _ = random_inputs(3, torch.float64, batch=1, heads=2, kv_heads=1, length=5, dim=4)
-    out = ttt_attention(q, keys, values, "reference")
+    out = attend(q, keys, values, "reference")
     for t in range(5):
         for head in range(2):
             ks = [keys[0][0, 0, s] for s in range(t + 1)] + [keys[j][0, 0, t] for j in (1, 2)]
@@ -43,9 +50,9 @@ def test_reference_equals_attention_written_out_per_query():
 def test_split_kernel_matches_reference_with_gradients(steps, dtype, tol, kv_heads):
     q, keys, values, grad_out = random_inputs(steps, dtype, kv_heads=kv_heads)
     inputs = [q, *keys, *values]
-    ref = ttt_attention(q, keys, values, "reference")
+    ref = attend(q, keys, values, "reference")
     ref_grads = torch.autograd.grad((ref.float() * grad_out.float()).sum(), inputs)
-    out = ttt_attention(q, keys, values, "split")
+    out = attend(q, keys, values, "split")
     grads = torch.autograd.grad((out.float() * grad_out.float()).sum(), inputs)
     assert (out.float() - ref.float()).abs().max() <= tol
     for g, rg in zip(grads, ref_grads):
@@ -58,8 +65,8 @@ def test_flex_forward_matches_reference_on_cpu(steps):
     """FlexAttention has no CPU backward in torch 2.13; its gradients are checked on CUDA below."""
     q, keys, values, _ = random_inputs(steps, torch.float32)
     with torch.no_grad():
-        ref = ttt_attention(q, keys, values, "reference")
-        out = ttt_attention(q.detach(), [k.detach() for k in keys], [v.detach() for v in values], "flex")
+        ref = attend(q, keys, values, "reference")
+        out = attend(q.detach(), [k.detach() for k in keys], [v.detach() for v in values], "flex")
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -69,8 +76,8 @@ def test_flex_matches_reference_with_gradients_on_cuda():
     to_cuda = lambda x: x.detach().cuda().requires_grad_()  # noqa: E731
     q, keys, values, grad_out = to_cuda(q), [to_cuda(k) for k in keys], [to_cuda(v) for v in values], grad_out.cuda()
     inputs = [q, *keys, *values]
-    ref_grads = torch.autograd.grad((ttt_attention(q, keys, values, "reference") * grad_out).sum(), inputs)
-    grads = torch.autograd.grad((ttt_attention(q, keys, values, "flex") * grad_out).sum(), inputs)
+    ref_grads = torch.autograd.grad((attend(q, keys, values, "reference") * grad_out).sum(), inputs)
+    grads = torch.autograd.grad((attend(q, keys, values, "flex") * grad_out).sum(), inputs)
     for g, rg in zip(grads, ref_grads):
         assert (g - rg).abs().max() < 1e-4
 

@@ -5,8 +5,8 @@ At TTT step k the query at position t attends to
 - the step-0 keys at positions 0..t (ordinary causal attention), and
 - the keys that steps 1..k produced at position t itself (one "diagonal" key per earlier step).
 
-Three implementations, one contract (``q`` [B, heads, T, d]; ``keys``/``values`` lists of
-[B, kv_heads, T, d], entry j made by step j, entry 0 the step-0 keys):
+Three implementations, one contract: ``q`` [B, heads, T, d] and a ``KeyCache`` holding the
+keys/values [B, kv_heads, T, d] of steps 0..k (entry j made by step j, entry 0 the step-0 keys):
 
 - ``reference``: plain SDPA over the concatenated keys [K0; K1; ...; Kk] with an explicit
   boolean mask. Runs everywhere, backward included; the ground truth for the others.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +45,36 @@ def resolve_implementation(name: str, device: torch.device) -> str:
     return name
 
 
-def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                  implementation: str = "reference") -> torch.Tensor:
-    """Attention of step ``len(keys) - 1``; returns [B, heads, T, d]. Scale is 1/sqrt(d)."""
+class KeyCache(NamedTuple):
+    """The keys and values TTT steps 0..k made, which step k (and later ones) attend to.
+
+    ``split`` also keeps the diagonal ones (steps >= 1) as [B, T, kv_heads, d] in fp32,
+    converted once when the step adds them (autograd-tracked), not at every later step.
+    """
+
+    keys: tuple = ()
+    values: tuple = ()
+    wide_keys: tuple = ()
+    wide_values: tuple = ()
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, implementation: str) -> "KeyCache":
+        wide_keys, wide_values = self.wide_keys, self.wide_values
+        if implementation == "split" and self.keys:
+            acc = _accumulation_dtype(key)
+            wide_keys += (key.transpose(1, 2).to(acc),)
+            wide_values += (value.transpose(1, 2).to(acc),)
+        return KeyCache(self.keys + (key,), self.values + (value,), wide_keys, wide_values)
+
+
+def ttt_attention(q: torch.Tensor, cache: KeyCache, implementation: str = "reference") -> torch.Tensor:
+    """Attention of step ``len(cache.keys) - 1``; returns [B, heads, T, d]. Scale is 1/sqrt(d)."""
     if implementation == "split":
-        return _SplitCausalAttention.apply(q, len(keys), *keys, *values)
+        extra_k = torch.stack(cache.wide_keys, dim=3) if cache.wide_keys else None
+        extra_v = torch.stack(cache.wide_values, dim=3) if cache.wide_values else None
+        return _SplitCausalAttention.apply(q, cache.keys[0], cache.values[0], extra_k, extra_v)
     if implementation == "flex":
-        return _flex_attention(q, keys, values)
-    return _reference_attention(q, keys, values)
+        return _flex_attention(q, list(cache.keys), list(cache.values))
+    return _reference_attention(q, list(cache.keys), list(cache.values))
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -87,57 +110,50 @@ class _SplitCausalAttention(torch.autograd.Function):
     """Causal flash attention over step-0 keys, merged with the diagonal keys of steps 1..k.
 
     The diagonal part is batched: per (batch, position, KV head), the group of query
-    heads [g, d] meets the k diagonal keys [k, d] in one small matmul, in fp32. Work is
-    laid out [B, T, kv_heads, ...], the memory order of the projections and of the
-    flash kernel's output, so no head expansion or transpose copies are needed (GQA
-    included: the kernel itself takes fewer KV heads).
+    heads [g, d] meets the k diagonal keys [k, d] (``extra_k`` [B, T, kv, k, d], fp32) in
+    one small matmul. Work is laid out [B, T, kv_heads, ...], the memory order of the
+    projections and of the flash kernel's output, so no head expansion or transpose
+    copies are needed (GQA included: the kernel itself takes fewer KV heads).
     """
 
     @staticmethod
-    def forward(ctx, q, num_steps, *kv):
-        keys, values = kv[:num_steps], kv[num_steps:]
+    def forward(ctx, q, k0, v0, extra_k, extra_v):
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, keys[0], values[0], 0.0, True, scale=scale)
-        if num_steps > 1:
-            kv_heads, acc = keys[0].shape[1], _accumulation_dtype(q)
-            extra_k, extra_v = _stack_extra(keys[1:], acc), _stack_extra(values[1:], acc)
-            scores = _by_position(q, kv_heads).to(acc) @ extra_k.transpose(-1, -2) * scale  # [B, T, kv, g, k]
-            causal_lse = _by_position(lse, kv_heads).to(acc)  # [B, T, kv, g]
-            merged_lse = torch.logaddexp(causal_lse, torch.logsumexp(scores, dim=-1))
-            probs = torch.exp(scores - merged_lse[..., None])
-            merged = _by_position(out, kv_heads).to(acc) * torch.exp(causal_lse - merged_lse)[..., None]
-            merged = torch.baddbmm(merged.flatten(0, 2), probs.flatten(0, 2), extra_v.flatten(0, 2)).view(merged.shape)
-            out = _by_head(merged, q.dtype)
-            lse = _by_head(merged_lse, lse.dtype)
-        ctx.save_for_backward(q, out, lse, *keys, *values)
-        ctx.num_steps, ctx.scale = num_steps, scale
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k0, v0, 0.0, True, scale=scale)
+        ctx.scale, ctx.has_extra = scale, extra_k is not None
+        if extra_k is None:
+            ctx.save_for_backward(q, k0, v0, out, lse)
+            return out
+        kv_heads, acc = k0.shape[1], extra_k.dtype
+        qp = _by_position(q, kv_heads).to(acc)
+        scores = qp @ extra_k.transpose(-1, -2) * scale  # [B, T, kv, g, k]
+        causal_lse = _by_position(lse, kv_heads).to(acc)  # [B, T, kv, g]
+        merged_lse = torch.logaddexp(causal_lse, torch.logsumexp(scores, dim=-1))
+        probs = torch.exp(scores - merged_lse[..., None])
+        merged = _by_position(out, kv_heads).to(acc) * torch.exp(causal_lse - merged_lse)[..., None]
+        merged = torch.baddbmm(merged.flatten(0, 2), probs.flatten(0, 2), extra_v.flatten(0, 2)).view(merged.shape)
+        out, lse = _by_head(merged, q.dtype), _by_head(merged_lse, lse.dtype)
+        ctx.save_for_backward(q, k0, v0, out, lse, qp, merged, merged_lse, extra_k, extra_v)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, out, lse, *kv = ctx.saved_tensors
-        keys, values = kv[:ctx.num_steps], kv[ctx.num_steps:]
+        q, k0, v0, out, lse, *extra = ctx.saved_tensors
         # Given the merged output and log-sum-exp, the kernel's P = exp(QK^T*s - lse) and
         # D = rowsum(dO * O) are those of the merged softmax restricted to the causal keys.
         grad_q, grad_k0, grad_v0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, keys[0], values[0], out, lse, 0.0, True, scale=ctx.scale)
-        if ctx.num_steps == 1:
-            return grad_q, None, grad_k0, grad_v0
-        kv_heads, acc = keys[0].shape[1], _accumulation_dtype(q)
-        extra_k, extra_v = _stack_extra(keys[1:], acc), _stack_extra(values[1:], acc)
-        qp, dout = _by_position(q, kv_heads).to(acc), _by_position(grad_out, kv_heads).to(acc)
-        delta = torch.linalg.vecdot(dout, _by_position(out, kv_heads).to(acc))  # [B, T, kv, g]
-        probs = torch.exp(qp @ extra_k.transpose(-1, -2) * ctx.scale - _by_position(lse, kv_heads)[..., None])
+            grad_out.contiguous(), q, k0, v0, out, lse, 0.0, True, scale=ctx.scale)
+        if not ctx.has_extra:
+            return grad_q, grad_k0, grad_v0, None, None
+        qp, merged, merged_lse, extra_k, extra_v = extra
+        dout = _by_position(grad_out, k0.shape[1]).to(extra_k.dtype)
+        delta = torch.linalg.vecdot(dout, merged)  # [B, T, kv, g]
+        probs = torch.exp(qp @ extra_k.transpose(-1, -2) * ctx.scale - merged_lse[..., None])
         dscores = probs * (dout @ extra_v.transpose(-1, -2) - delta[..., None]) * ctx.scale  # [B, T, kv, g, k]
         grad_q = grad_q + _by_head(dscores @ extra_k, q.dtype)
         grad_extra_k = dscores.transpose(-1, -2) @ qp  # [B, T, kv, k, d]
         grad_extra_v = probs.transpose(-1, -2) @ dout
-        grad_keys = [grad_k0] + [grad_extra_k[:, :, :, j].transpose(1, 2).to(k.dtype)
-                                 for j, k in enumerate(keys[1:])]
-        grad_values = [grad_v0] + [grad_extra_v[:, :, :, j].transpose(1, 2).to(v.dtype)
-                                   for j, v in enumerate(values[1:])]
-        return (grad_q, None, *grad_keys, *grad_values)
+        return grad_q, grad_k0, grad_v0, grad_extra_k, grad_extra_v
 
 
 def _by_position(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -149,11 +165,6 @@ def _by_position(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def _by_head(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``_by_position``: [B, T, kv, g, ...] -> [B, heads, T, ...]."""
     return x.to(dtype).flatten(2, 3).transpose(1, 2)
-
-
-def _stack_extra(tensors, dtype) -> torch.Tensor:
-    """Diagonal keys (or values) of steps 1..k, each [B, kv, T, d] -> [B, T, kv, k, d]."""
-    return torch.stack([t.transpose(1, 2).to(dtype) for t in tensors], dim=3)
 
 
 @functools.lru_cache(maxsize=64)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eaglecache.train.attention import ttt_attention
+from eaglecache.train.attention import KeyCache, ttt_attention
 from eaglecache.train.target_head import TargetHead, rms_norm
 
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
@@ -151,9 +151,8 @@ class Attention(nn.Module):
         """The embedding half of q, k, v for every position (all TTT steps slice it)."""
         return tuple(proj(embeds_normed, "embed") for proj in (self.q_proj, self.k_proj, self.v_proj))
 
-    def forward(self, embed_qkv, hidden_normed, cos, sin, keys: list[torch.Tensor], values: list[torch.Tensor],
-                implementation: str):
-        """Returns (output [B, T, H], this step's key, value [B, kv_heads, T, d])."""
+    def forward(self, embed_qkv, hidden_normed, cos, sin, cache: KeyCache, implementation: str):
+        """Returns (output [B, T, H], the cache with this step's key and value added)."""
         batch, length, _ = hidden_normed.shape
         q = (embed_qkv[0] + self.q_proj(hidden_normed, "hidden")).view(batch, length, self.num_heads, self.head_dim)
         k = (embed_qkv[1] + self.k_proj(hidden_normed, "hidden")).view(batch, length, self.num_kv_heads,
@@ -163,9 +162,10 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin).transpose(1, 2)
         k = apply_rotary(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        out = ttt_attention(q, [*keys, k], [*values, v], implementation)
+        cache = cache.append(k, v, implementation)
+        out = ttt_attention(q, cache, implementation)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(out), k, v
+        return self.o_proj(out), cache
 
 
 class MLP(nn.Module):
@@ -199,11 +199,11 @@ class MidLayer(nn.Module):
     def embed_projections(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.self_attn.project_embeds(self.input_layernorm(embeds))
 
-    def forward(self, embed_qkv, hidden, cos, sin, keys, values, implementation: str):
-        attn, key, value = self.self_attn(embed_qkv, self.hidden_norm(hidden), cos, sin, keys, values,
-                                          implementation)
+    def forward(self, embed_qkv, hidden, cos, sin, cache: KeyCache, implementation: str):
+        """One TTT step: (new pre-norm hidden state, the key cache with this step's keys added)."""
+        attn, cache = self.self_attn(embed_qkv, self.hidden_norm(hidden), cos, sin, cache, implementation)
         residual = hidden + attn
-        return residual + self.mlp(self.post_attention_layernorm(residual)), key, value
+        return residual + self.mlp(self.post_attention_layernorm(residual)), cache
 
 
 class Eagle3Draft(nn.Module):

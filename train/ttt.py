@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from eaglecache.train.attention import KeyCache
+
 
 @dataclass
 class TTTSettings:
@@ -74,17 +76,14 @@ def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
     # step k reads the token at t + k: embed the ids once, extended by K - 1 padding (zero) tokens
     ids = torch.nn.functional.pad(input_ids, (0, steps - 1))
     embed_qkv = draft.midlayer.embed_projections(draft.target.embed(ids))
-    keys, values, normed = [], [], []
+    cache, normed = KeyCache(), []
     for k in range(steps):
         step_qkv = tuple(x[:, k:k + length] for x in embed_qkv)
-        args = (step_qkv, hidden, cos[k:k + length], sin[k:k + length], tuple(keys), tuple(values),
-                settings.attention)
+        args = (step_qkv, hidden, cos[k:k + length], sin[k:k + length], cache, settings.attention)
         if settings.gradient_checkpointing and torch.is_grad_enabled():
-            hidden, key, value = checkpoint(draft.midlayer, *args, use_reentrant=False)
+            hidden, cache = checkpoint(draft.midlayer, *args, use_reentrant=False)
         else:
-            hidden, key, value = draft.midlayer(*args)
-        keys.append(key)
-        values.append(value)
+            hidden, cache = draft.midlayer(*args)
         normed.append(draft.norm(hidden))
     masks, weights = step_weights(loss_mask, steps, settings.ttt_decay)
     with torch.no_grad():
