@@ -182,7 +182,7 @@ def _flex_block_mask(length: int, num_steps: int, device: str):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # sequence lengths vary: recompiles once, then dynamic
 
 
 def _flex_attention(q, keys, values):

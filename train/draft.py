@@ -241,10 +241,3 @@ class Eagle3Draft(nn.Module):
         from eaglecache.train.ttt import ttt_loss
 
         return ttt_loss(self, input_ids, loss_mask, aux, final, self.settings)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors of final/model.safetensors (no target buffers; d2t/t2d for a reduced vocab)."""
-        out = {name: p.detach() for name, p in self.named_parameters()}
-        if self.arch.reduced_vocab:
-            out["d2t"], out["t2d"] = self.lm_head.d2t, self.lm_head.t2d
-        return out

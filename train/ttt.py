@@ -6,7 +6,8 @@ state one position later, ``loss_mask`` unshifted with its last position zeroed.
 
 - ``h = fc(aux)`` once. Step k feeds the token ``input_ids[t + k]`` and the carried
   ``h`` (pre-norm, not detached) to the layer at RoPE positions ``t + k``; its
-  attention sees the step-0 keys 0..t and the keys of steps 1..k at t.
+  attention sees the step-0 keys 0..t and the keys of steps 1..k at t. (The token's
+  half of q/k/v is therefore step 0's at t + k: it is projected once for all steps.)
 - Step k's logits are ``lm_head(norm(h_k))``; its teacher is the target's softmax
   at ``final[t + k]``; its mask is ``loss_mask[t + k]`` (zero past the end).
 
