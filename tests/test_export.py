@@ -96,7 +96,7 @@ def test_reduced_vocab_export_keeps_head_and_mapping(tmp_path, tiny_target):
 
 
 def test_reduced_vocab_without_mapping_is_refused(tmp_path, tiny_target):
-    run = _fake_run(tmp_path, tiny_target, draft_vocab_size=512, extra=("lm_head",))
+    run = _fake_run(tmp_path, tiny_target, draft_vocab_size=512, extra=("lm_head",), drop=("d2t", "t2d"))
     with pytest.raises(UserError, match="lacks d2t"):
         export_run(run, tmp_path / "draft", tiny_target)
 
