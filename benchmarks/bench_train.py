@@ -9,7 +9,10 @@ does not depend on their values).
 
 MFU = model FLOPs / step time / matmul peak, the peak measured in the same child
 (a square matmul of the training dtype, best of several, before and after the
-steps; the higher is used). Model FLOPs are counted as section 10 states (matmuls
+steps; the higher is used). On a shared machine wall time counts other people's
+work too, and with several threads every small op waits for a descheduled thread:
+the run also reports MFU by process CPU time (FLOPs per CPU-second against the
+matmul's FLOPs per CPU-second), which ``--threads 1`` makes immune to that. Model FLOPs are counted as section 10 states (matmuls
 only, N = batch * seq, d = head size, T = TTT steps):
 forward = 2N*3H^2 + T*[2N*(2H*(heads + 2*kv)*d + heads*d*H + 3*H*I + H*V) + 4*b*heads*S^2*d]
           + sum_{k<T} 4N*heads*d*k;  a training step = 3 x forward.
@@ -46,18 +49,20 @@ def step_flops(hidden, intermediate, heads, kv_heads, vocab, seq, ttt, batch) ->
     return 3.0 * forward
 
 
-def matmul_peak(dtype, size: int = 2048, reps: int = 5) -> float:
+def matmul_peak(dtype, size: int = 2048, reps: int = 8) -> tuple[float, float]:
+    """(FLOP/s of wall time, FLOP/s of process CPU time) of a square matmul, best of ``reps``."""
     import torch
 
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     a @ b
-    best = 0.0
+    best_wall = best_cpu = 0.0
     for _ in range(reps):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         a @ b
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
-    return best
+        best_wall = max(best_wall, 2 * size ** 3 / (time.perf_counter() - wall))
+        best_cpu = max(best_cpu, 2 * size ** 3 / (time.process_time() - cpu))
+    return best_wall, best_cpu
 
 
 def make_inputs(root: Path, num_samples: int) -> tuple[Path, Path]:
@@ -109,9 +114,18 @@ def child(args) -> dict:
     from eaglecache.train.engine import init_distributed
     from eaglecache.train.main import train
 
+    from eaglecache.train import metrics
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     peak_before = matmul_peak(dtype)
     rank, world, device = init_distributed()
+    # bench-only instrumentation: process CPU time at the end of every step
+    cpu_marks: list[float] = []
+    add_step_time = metrics.MetricsTracker.add_step_time
+    metrics.MetricsTracker.add_step_time = lambda self, *a: (cpu_marks.append(time.process_time()),
+                                                             add_step_time(self, *a))[1]
     config = load_config(None, [
         f"train.dtype={args.dtype}", "train.global_batch_size=1", "train.micro_batch_size=1",
         f"train.max_seq_length={DIMS['seq']}", f"train.ttt_length={DIMS['ttt']}", "train.log_interval=1",
@@ -127,13 +141,16 @@ def child(args) -> dict:
     step_s = sum(r["tokens"] / r["tokens_per_s"] for r in records)
     wait = sum(r["data_wait_fraction"] * r["tokens"] / r["tokens_per_s"] for r in records)
     flops = step_flops(**DIMS)
-    peak = max(peak_before, peak_after)
-    return {"dtype": args.dtype, "steps": len(records), "tokens_per_s": tokens / step_s,
-            "step_s": step_s / len(records), "data_wait_fraction": wait / step_s,
+    peak = max(peak_before[0], peak_after[0])
+    cpu_s = cpu_marks[-1] - cpu_marks[0]  # the timed steps (the first mark ends the warm-up step)
+    return {"dtype": args.dtype, "steps": len(records), "threads": torch.get_num_threads(),
+            "tokens_per_s": tokens / step_s, "step_s": step_s / len(records), "data_wait_fraction": wait / step_s,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "model_gflops_per_s": flops * len(records) / step_s / 1e9,
-            "matmul_peak_gflops": [peak_before / 1e9, peak_after / 1e9],
-            "mfu": flops * len(records) / step_s / peak}
+            "matmul_peak_gflops": [peak_before[0] / 1e9, peak_after[0] / 1e9],
+            "mfu": flops * len(records) / step_s / peak,
+            "cpu_s_per_step": cpu_s / len(records),
+            "cpu_mfu": flops * len(records) / cpu_s / max(peak_before[1], peak_after[1])}
 
 
 def _free_port() -> int:
@@ -147,6 +164,7 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per dtype (after one warm-up step)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -162,7 +180,8 @@ def main() -> None:
         make_inputs(Path(tmp), num_samples=args.steps + 1)
         for dtype in args.dtype:
             cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--steps", str(args.steps),
-                   "--workdir", tmp, "--port", str(_free_port()), "--loss-chunk-tokens", str(args.loss_chunk_tokens)]
+                   "--workdir", tmp, "--port", str(_free_port()), "--loss-chunk-tokens", str(args.loss_chunk_tokens),
+                   "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -174,7 +193,9 @@ def main() -> None:
                   f"step {r['step_s']:.1f} s | data wait {100 * r['data_wait_fraction']:.1f} % | "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB | {r['model_gflops_per_s']:.0f} model GFLOP/s vs matmul "
                   f"peak {max(r['matmul_peak_gflops']):.0f} (before {r['matmul_peak_gflops'][0]:.0f}, after "
-                  f"{r['matmul_peak_gflops'][1]:.0f}) -> MFU {100 * r['mfu']:.1f} % (target >= 55 %)")
+                  f"{r['matmul_peak_gflops'][1]:.0f}) -> MFU {100 * r['mfu']:.1f} % (target >= 55 %) | "
+                  f"{r['threads']} thread(s), {r['cpu_s_per_step']:.1f} CPU-s per step, MFU by CPU time "
+                  f"{100 * r['cpu_mfu']:.1f} %")
 
 
 if __name__ == "__main__":
