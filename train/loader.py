@@ -70,6 +70,8 @@ def shift_sample_tensors(input_ids, loss_mask, aux, final):
 class InMemoryFeatures:
     """A feature source over samples held in memory (tests, benchmarks, equivalence checks)."""
 
+    thread_safe = True  # reads only: loader threads share it
+
     def __init__(self, samples: list[Any], metadata: dict[str, Any]):
         self._samples = {int(s.sample_id): s for s in samples}
         self.metadata = metadata
@@ -152,8 +154,9 @@ class StreamingLoader:
 
     # ---------------------------------------------------------------- reading
     def _thread_source(self):
-        """Each worker thread gets its own copy of a Zarr-backed source (its open-shard cache is not thread-safe)."""
-        if not getattr(self.source, "thread_safe", False) and hasattr(self.source, "__getstate__"):
+        """Each worker thread gets its own (pickled) copy of a source that is not ``thread_safe``, such as
+        the Zarr cache, whose cache of open shards is not; the copy reopens shards itself."""
+        if not getattr(self.source, "thread_safe", False):
             if getattr(self._local, "source", None) is None:
                 self._local.source = pickle.loads(pickle.dumps(self.source))
             return self._local.source
