@@ -2,7 +2,9 @@
 
 ``eaglecache train`` (train/launch.py) resolves the config into RUN_DIR/config.yaml
 and starts ``deepspeed ... --module eaglecache.train.main``; a user may also start
-this module under ``deepspeed`` or ``torchrun`` directly with the same flags.
+this module under ``deepspeed`` or ``torchrun`` directly, adding ``--config FILE
+[KEY=VALUE ...]``: e.g. ``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module
+eaglecache.train.main --config configs/tiny.yaml --run-dir RUN --cache CACHE``.
 ``train()`` below is the whole run for one rank and is callable in-process
 (tests, benchmarks) with any feature source.
 """
@@ -144,7 +146,12 @@ def open_source(config, cache: Optional[str], data: Optional[str], target_dir: P
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eaglecache.train.main", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="Run directory holding config.yaml (from `eaglecache train`).")
+    parser.add_argument("--run-dir", required=True,
+                        help="Run directory; its config.yaml (written by `eaglecache train`) is the config.")
+    parser.add_argument("--config", default=None,
+                        help="Start without `eaglecache train`: this YAML (plus overrides) is resolved and written "
+                             "to RUN_DIR/config.yaml by rank 0.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted overrides, with --config.")
     parser.add_argument("--cache", default=None, help="Feature cache (train.source=cache).")
     parser.add_argument("--data", default=None, help="Prepared data set (train.source=online).")
     parser.add_argument("--vocab", default=None, help="Draft vocab mapping (reduced vocab).")
@@ -164,8 +171,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         datefmt="%H:%M:%S")
     run_dir = Path(args.run_dir)
     try:
-        config = load_config(run_dir / "config.yaml")
         rank, world_size, device = init_distributed()
+        if args.config:  # started under `deepspeed`/`torchrun` directly: resolve the config here
+            from eaglecache.train.launch import resolve_config, write_run_config
+
+            config = resolve_config(load_config(args.config, args.overrides), args)
+            if rank == 0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_run_config(config, run_dir)
+            torch.distributed.barrier()
+        config = load_config(run_dir / "config.yaml")
         target_dir = resolve_target(config)
         source = open_source(config, args.cache, args.data, target_dir, device)
         train(config, run_dir, source, target_dir=target_dir, vocab_path=args.vocab, rank=rank,
