@@ -6,6 +6,7 @@ error line with exit code 2.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, loss
 from eaglecache.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV, committed_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def eaglecache_train(cache, output, *overrides, env=None, port=29561):
@@ -39,9 +41,15 @@ def one_rank_run(feature_cache, tmp_path_factory):
 
 
 def test_two_ranks_ga1_equal_one_rank_ga2(feature_cache, one_rank_run, tmp_path):
+    """The 2-rank run starts the training module under DeepSpeed's launcher directly (--config)."""
     out = tmp_path / "two-ranks"
-    result = eaglecache_train(feature_cache, out, "train.launcher.num_gpus=2", port=29563)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29563",
+           "--module", "eaglecache.train.main", "--config", "configs/tiny.yaml", "--run-dir", str(out),
+           "--cache", str(feature_cache), *TINY_RUN]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s) x GA 1" in result.stderr + result.stdout
     two, one = fp32_weights(out), fp32_weights(one_rank_run)
     assert set(two) == set(one)
     worst = max((two[name] - one[name]).abs().max().item() for name in one)

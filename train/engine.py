@@ -72,16 +72,15 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], run_dir: Pa
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; gloo on CPU, nccl on CUDA."""
+    """(rank, world size, device) of this process; gloo on CPU, nccl on CUDA (device set first)."""
+    import os
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    backend = "nccl" if accelerator.device_name() == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    on_cuda = get_accelerator().device_name() == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if accelerator.device_name() == "cuda":
-        local_rank = int(__import__("os").environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return rank, world, torch.device("cuda", local_rank)
-    return rank, world, torch.device("cpu")
+    return rank, world, torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
