@@ -1,6 +1,7 @@
 """train.source=online on the tiny target: the features are the cache's (pre-norm final state included),
 (b) training from the vLLM cache and online gives loss curves within 1 % at every logged step, and the
-draft's simulated accept length rises well above the untrained draft's.
+draft's simulated accept length rises well above the untrained draft's (the curve is in the run's
+TensorBoard events).
 
 Uses the shared ``tiny_dataset`` / ``tiny_cache`` fixtures (48 ShareGPT conversations through
 `data prepare` and `precompute`, i.e. through vLLM) and trains in this process (world size 1).
@@ -65,23 +66,27 @@ def test_cache_and_online_loss_curves_agree_within_one_percent(online, tiny_cach
         train(config, run_dir, source, target_dir=tiny_target, rank=rank, world_size=world, device=device)
         curves[name] = [r["loss"] for r in records(run_dir)]
     assert len(curves["cache"]) == len(curves["online"]) == 8
+    gaps = [abs(a - b) / abs(a) for a, b in zip(curves["cache"], curves["online"])]
+    print(f"cache vs online: largest relative loss gap {max(gaps):.3%} over {len(gaps)} steps")
     for step, (a, b) in enumerate(zip(curves["cache"], curves["online"]), start=1):
         assert abs(a - b) <= 0.01 * abs(a), (step, a, b)
     assert curves["cache"][-1] < curves["cache"][0]
 
 
-@pytest.mark.xfail(strict=False, reason="on the pretrained tiny target this short run lifts the simulated accept "
-                   "length by ~0.23 (1.05 -> 1.28), short of the +0.3 asked; open in issue 5")
 def test_training_raises_the_simulated_accept_length(tiny_cache, tiny_target, tmp_path, single_rank):  # noqa: F811
+    """160 steps of 2 sequences (10 epochs of the 33 cached conversations, about a minute on one core)."""
     from eaglecache.train.main import train
 
     rank, world, device = single_rank
-    config = load_config(None, RUN + ["train.epochs=4", "train.lr=3e-3", "train.log_interval=4"])
+    config = load_config(None, RUN + ["train.global_batch_size=2", "train.epochs=10", "train.lr=3e-3"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     train(config, run_dir, open_cache(tiny_cache), target_dir=tiny_target, rank=rank, world_size=world,
           device=device)
     curve = [r["accept_len_3"] for r in records(run_dir)]
-    assert curve[0] < 1.2  # the untrained draft predicts almost nothing
-    assert curve[-1] >= curve[0] + 0.3, curve
+    untrained = curve[0]  # DeepSpeed's warmup runs step 1 at lr 0: the draft as initialised
+    trained = sum(curve[-16:]) / 16
+    print(f"simulated accept length (3 tokens): untrained {untrained:.3f}, last 16 steps {trained:.3f}")
+    assert untrained < 1.2  # the untrained draft predicts almost nothing
+    assert trained >= untrained + 0.4, (untrained, trained)
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tb").iterdir())
