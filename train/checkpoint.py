@@ -140,6 +140,12 @@ def load_checkpoint(engine, loader, run_dir: Path) -> int:
         return 0
     tag = tag_of(steps[-1])
     root = run_dir / "checkpoints"
+    saved_world = json.loads((root / tag / COMMIT).read_text()).get("world_size")
+    world = torch.distributed.get_world_size()
+    if saved_world not in (None, world):
+        raise UserError(f"{root / tag} was written by {saved_world} ranks and this run has {world}: ZeRO-3 "
+                        "partitions do not reshard on load (convert with DeepSpeed's ds_to_universal.py, or "
+                        f"resume with {saved_world} ranks)")
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
