@@ -157,12 +157,14 @@ class _ChunkedSoftCE(torch.autograd.Function):
             rows = teacher[:, start:min(stop + steps - 1, length)]
             num_rows = rows.shape[1]
             target_logits = (rows.flatten(0, 1) @ target_weight.T).to(acc)
-            target_argmax = target_logits.argmax(-1).view(batch, num_rows)
             in_vocab = None
-            if draft_ids is not None:  # reduced vocab: teacher renormalised over the draft's tokens
-                in_vocab = t2d[target_argmax]
-                target_logits = target_logits[:, draft_ids]
-            probs = _softmax_(target_logits)[0].view(batch, num_rows, -1)
+            if draft_ids is None:
+                probs, target_argmax, _ = _softmax_(target_logits)
+            else:  # reduced vocab: teacher renormalised over the draft's tokens
+                target_argmax = target_logits.argmax(-1)
+                in_vocab = t2d[target_argmax].view(batch, num_rows)
+                probs = _softmax_(target_logits[:, draft_ids])[0]
+            probs, target_argmax = probs.view(batch, num_rows, -1), target_argmax.view(batch, num_rows)
             for k in range(steps):
                 end = min(stop, length - k)  # step k has no teacher (and no mask) past length - k
                 if end <= start:
