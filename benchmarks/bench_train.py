@@ -49,7 +49,7 @@ def step_flops(hidden, intermediate, heads, kv_heads, vocab, seq, ttt, batch) ->
     return 3.0 * forward
 
 
-def matmul_peak(dtype, size: int = 2048, reps: int = 8) -> tuple[float, float]:
+def matmul_peak(dtype, size: int = 2048, reps: int = 20) -> tuple[float, float]:
     """(FLOP/s of wall time, FLOP/s of process CPU time) of a square matmul, best of ``reps``."""
     import torch
 
