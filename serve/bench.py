@@ -80,7 +80,16 @@ def _row(label: str, prompt_set: prompts.PromptSet, run: SetRun, baseline: SetRu
            "speedup": tokens_per_s / baseline_tokens_per_s if tokens_per_s and baseline_tokens_per_s else None}
     if greedy:
         row["identical_to_target"] = sum(a == b for a, b in zip(run.outputs, baseline.outputs))
+        row["differences"] = [first_difference(i, a, b) for i, (a, b) in enumerate(zip(run.outputs, baseline.outputs))
+                              if a != b]
     return row
+
+
+def first_difference(index: int, with_draft: list[int], alone: list[int]) -> dict[str, Any]:
+    """Where a greedy output with the draft first departs from the target's own (for inspection)."""
+    position = next((i for i, (a, b) in enumerate(zip(with_draft, alone)) if a != b), min(len(with_draft), len(alone)))
+    return {"prompt_index": index, "position": position,
+            "with_draft": with_draft[position:position + 8], "target_alone": alone[position:position + 8]}
 
 
 def benchmark(config, target_dir: Path, drafts: dict[str, Path], prompt_sets: list[prompts.PromptSet]) -> dict[str, Any]:
