@@ -107,11 +107,9 @@ def _run_stage(number: int, total: int, title: str, argv: list[str], env: dict[s
 
 def final_simulated_accept_length(run_dir: Path, last_records: int = 3) -> float | None:
     """Mean accept_len_3 of the last logged training steps (train/metrics.py)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    values = [r["accept_len_3"] for r in records if "accept_len_3" in r][-last_records:]
+    from eaglecache.serve.export import training_metrics
+
+    values = [r["accept_len_3"] for r in training_metrics(run_dir) if "accept_len_3" in r][-last_records:]
     return sum(values) / len(values) if values else None
 
 
@@ -129,6 +127,7 @@ def summary_text(out: Path, timings: dict[str, float]) -> str:
             lines.append(f"simulated accept length from training {simulated:.3f} vs measured "
                          f"{row['mean_accept_length']:.3f} on {row['prompt_set']} ({100 * gap:+.1f}%)")
     identical = [f"{r['draft']}/{r['prompt_set']} {r['identical_to_target']}/{r['n']}"
+                 + (f" (+{r['departures_at_ties']} departing at a bf16 tie of the target)" if r["departures_at_ties"] else "")
                  for r in results["rows"] if "identical_to_target" in r]
     if identical:
         lines.append("greedy outputs identical to the target alone: " + ", ".join(identical))

@@ -269,11 +269,11 @@ def _load_run(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], d
     return tensors, arch, run_config or {}, run_info
 
 
-def last_training_metrics(run_dir: Path) -> dict[str, Any]:
-    """The last record of RUN_DIR/metrics.jsonl (train/metrics.py), or {} when there is none."""
-    path = run_dir / "metrics.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+def training_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/metrics.jsonl (train/metrics.py), oldest first; [] when there are none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def training_summary(run_config: Mapping[str, Any], run_info: Mapping[str, Any],
@@ -316,7 +316,7 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
         "target_path": str(target_dir) if target_dir else (run_config.get("target") or {}).get("path") or "tiny target",
         "run": run_info, "run_config": run_config,
     }
-    summary = training_summary(run_config, run_info, last_training_metrics(run_dir))
+    summary = training_summary(run_config, run_info, (training_metrics(run_dir) or [{}])[-1])
     return write_draft_dir(output, config, selected, provenance, summary)
 
 

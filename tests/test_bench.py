@@ -47,7 +47,8 @@ def test_greedy_outputs_with_and_without_the_draft_are_identical(bench):
     assert [(r["draft"], r["prompt_set"]) for r in rows] == [
         ("reduced", name) for name in ("humaneval", "sharegpt-heldout", "mine")]
     for row in rows:
-        assert row["n"] > 0 and row["identical_to_target"] == row["n"], row
+        # A departure is only excused where the target's own top two log-probs tie (bf16): see bench.TIE_NATS.
+        assert row["n"] > 0 and row["identical_to_target"] + row["departures_at_ties"] == row["n"], row
 
 
 def test_counters_are_consistent_per_set(bench):
