@@ -131,7 +131,8 @@ def _writer_only(codec: str, gb: float, directory: Path, hidden: int, num_aux: i
 
 def bytes_per_token(cache_path: Path, work: Path) -> list[tuple[str, float]]:
     """Rewrite the real states of a cache with each codec; bytes on disk per token."""
-    from eaglecache.precompute.store import PartWriter, open_cache
+    from eaglecache.precompute.reader import open_cache
+    from eaglecache.precompute.store import PartWriter
 
     source = open_cache(cache_path)
     meta = dict(source.metadata)

@@ -1,4 +1,4 @@
-"""The feature cache format (``eaglecache.cache`` v1): shard writer, part manifest and reader.
+"""The feature cache format (``eaglecache.cache`` v1): layout constants, shard writer and part manifest.
 
 A cache is one ``cache.json`` (format, version, metadata) and parts written by
 independent jobs; each part has a ``part.json`` listing the shards it has
@@ -12,7 +12,7 @@ manifest is complete. The layout is documented in precompute/FORMAT.md.
 Bits are kept exactly: bf16 states are stored as their uint16 bits (zarr has no
 bfloat16). Every array uses zarr's sharding codec with one shard per array
 (one file) and inner chunks of ``chunk_tokens`` tokens, so a read touches only
-the chunks of the sample it wants.
+the chunks of the sample it wants. Reading is precompute/reader.py.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import shutil
 import uuid
 import warnings
 import zlib
-from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +123,6 @@ def _compressors(codec: str, level: int, itemsize: int):
     if codec == "blosc-zstd":
         return BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="bitshuffle", typesize=itemsize)
     raise UserError(f"unknown codec {codec!r} (expected none, zstd or blosc-zstd)")
-
-
-@dataclass
-class Sample:
-    """One sample's features: tokens and mask as in the prepared data set (unshifted), states in bf16."""
-
-    input_ids: np.ndarray  # int32 [T]
-    loss_mask: np.ndarray  # uint8 [T]
-    aux: torch.Tensor  # bf16 [T, A, H]
-    final: torch.Tensor  # bf16 [T, H], layer L's output before the final norm
-    sample_id: int = -1
 
 
 # --------------------------------------------------------------------------- writing
@@ -372,133 +359,3 @@ def _read_cache_json(path: Path) -> dict[str, Any]:
     if doc.get("version") != VERSION:
         raise UserError(f"{path}: cache format version {doc.get('version')!r} is not supported (this code reads v{VERSION})")
     return doc
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_parts(cache_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(part dir, part.json record) of every part present, in part order; never writes."""
-    parts = []
-    for part_json in sorted((Path(cache_dir) / PARTS_DIR).glob(f"part-*/{PART_FILE}")):
-        try:
-            record = json.loads(part_json.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{part_json}: unreadable ({exc.__class__.__name__})") from None
-        if record.get("format") != PART_FORMAT or record.get("version") != VERSION:
-            raise UserError(f"{part_json}: part format {record.get('format')!r} v{record.get('version')!r} "
-                            f"is not supported (this code reads {PART_FORMAT} v{VERSION})")
-        parts.append((part_json.parent, record))
-    return parts
-
-
-class FeatureCache:
-    """Read-only view of all parts of a cache as one: ``read(sample_id)`` touches only that sample's chunks.
-
-    The index (which shard, which token range) comes from the part.json files, so
-    opening a cache reads no array data. Shards are opened lazily and a few are
-    kept open. Picklable (data-loader workers reopen shards themselves).
-    """
-
-    max_open_shards = 64
-
-    def __init__(self, path: str | Path, allow_partial: bool = False):
-        use_fast_codec_pipeline()
-        self.path = Path(path)
-        if not (self.path / CACHE_FILE).is_file():
-            raise UserError(f"{self.path}: no {CACHE_FILE} (not a feature cache, or precompute has not started)")
-        self.metadata: dict[str, Any] = _read_cache_json(self.path / CACHE_FILE)["metadata"]
-        self.fp8 = self.metadata["dtype"] == "fp8_e4m3"
-        self.parts = read_parts(self.path)
-        self._check_parts(allow_partial)
-        self.skipped = [s for _, record in self.parts for s in record["skipped"]]
-        self.shard_paths: list[Path] = []
-        ids, shard_of, starts, lengths = [], [], [], []
-        for part_dir, record in self.parts:
-            for shard in record["shards"]:
-                n = np.asarray(shard["sample_num_tokens"], dtype=np.int64)
-                ids.append(np.asarray(shard["sample_ids"], dtype=np.int64))
-                shard_of.append(np.full(len(n), len(self.shard_paths), dtype=np.int32))
-                starts.append(np.cumsum(n) - n)
-                lengths.append(n)
-                self.shard_paths.append(part_dir / shard["name"])
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-        ids = cat(ids, np.int64)
-        order = np.argsort(ids, kind="stable")
-        self.sample_ids = ids[order]
-        if len(self.sample_ids) and (np.diff(self.sample_ids) == 0).any():
-            dup = self.sample_ids[1:][np.diff(self.sample_ids) == 0][0]
-            raise UserError(f"{self.path}: sample {dup} is stored in more than one shard")
-        self._shard_of = cat(shard_of, np.int32)[order]
-        self._start = cat(starts, np.int64)[order]
-        self._length = cat(lengths, np.int64)[order]
-        self._open: OrderedDict[int, Any] = OrderedDict()
-
-    def _check_parts(self, allow_partial: bool) -> None:
-        want = fingerprint(self.metadata)
-        for part_dir, record in self.parts:
-            if record["cache_fingerprint"] != want:
-                raise UserError(f"{part_dir}: belongs to a cache with other settings than {self.path / CACHE_FILE}")
-        num_parts = self.metadata["num_parts"]
-        done = {r["part_index"] for _, r in self.parts if r["complete"] and r["num_parts"] == num_parts}
-        missing = [i for i in range(num_parts) if i not in done]
-        if missing and not allow_partial:
-            raise UserError(f"{self.path}: incomplete cache, parts {missing} of {num_parts} are missing or unfinished "
-                            f"(run precompute --shard-index I --num-shards {num_parts} for them)")
-
-    def __len__(self) -> int:
-        return len(self.sample_ids)
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self._length.sum())
-
-    def _find(self, sample_id: int) -> int:
-        i = int(np.searchsorted(self.sample_ids, sample_id))
-        if i == len(self.sample_ids) or self.sample_ids[i] != sample_id:
-            raise KeyError(f"sample {sample_id} is not in the cache")
-        return i
-
-    def num_tokens(self, sample_id: int) -> int:
-        return int(self._length[self._find(sample_id)])
-
-    def num_tokens_array(self) -> np.ndarray:
-        """Tokens of every stored sample, in ``sample_ids`` order."""
-        return self._length.copy()
-
-    def shard(self, index: int) -> dict[str, Any]:
-        """The opened Zarr arrays of shard ``index`` by name (kept in a small LRU)."""
-        group = self._open.get(index)
-        if group is None:
-            with _consolidated_metadata():
-                opened = zarr.open_group(self.shard_paths[index], mode="r", use_consolidated=True)
-            group = dict(opened.arrays())
-            self._open[index] = group
-            if len(self._open) > self.max_open_shards:
-                self._open.popitem(last=False)
-        else:
-            self._open.move_to_end(index)
-        return group
-
-    def read(self, sample_id: int) -> Sample:
-        i = self._find(sample_id)
-        group = self.shard(int(self._shard_of[i]))
-        rows = slice(int(self._start[i]), int(self._start[i] + self._length[i]))
-        states = {}
-        for name in STATE_ARRAYS:
-            if self.fp8:
-                states[name] = dequantize_fp8(group[name][rows], group[f"{name}_scale"][rows])
-            else:
-                states[name] = bits_to_bf16(group[name][rows])
-        return Sample(input_ids=group["input_ids"][rows], loss_mask=group["loss_mask"][rows],
-                      aux=states["aux"], final=states["final"], sample_id=int(sample_id))
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_open"] = OrderedDict()
-        return state
-
-
-def open_cache(path: str | Path, allow_partial: bool = False) -> FeatureCache:
-    """Open a cache read-only as one logical store over all its parts (refuses unknown versions)."""
-    return FeatureCache(path, allow_partial=allow_partial)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from eaglecache.errors import UserError
+from eaglecache.precompute.reader import open_cache, read_parts
 from eaglecache.precompute.store import (
-    CACHE_FILE, PART_FILE, _read_cache_json, checksum, open_cache, read_parts, use_fast_codec_pipeline,
-    write_json_atomic,
+    CACHE_FILE, PART_FILE, _read_cache_json, checksum, use_fast_codec_pipeline, write_json_atomic,
 )
 
 BF16_EXPONENT = 0x7F80  # all exponent bits set: Inf or NaN

@@ -9,7 +9,8 @@ import torch
 
 from eaglecache.precompute.run import split_parts
 from eaglecache.precompute.sink import Extracted, StateSink
-from eaglecache.precompute.store import PartWriter, create_or_check_cache, open_cache
+from eaglecache.precompute.reader import open_cache
+from eaglecache.precompute.store import PartWriter, create_or_check_cache
 from eaglecache.precompute.tools import run_info, run_verify
 
 A, H = 3, 16

@@ -9,7 +9,7 @@ import torch
 
 from eaglecache.config import load_config
 from eaglecache.data.schema import open_dataset, write_dataset
-from eaglecache.precompute.store import open_cache
+from eaglecache.precompute.reader import open_cache
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.store import (
-    CACHE_FILE, PartWriter, create_or_check_cache, open_cache, write_json_atomic,
-)
+from eaglecache.precompute.reader import open_cache
+from eaglecache.precompute.store import CACHE_FILE, PartWriter, create_or_check_cache, write_json_atomic
 
 A, H = 3, 32
 

@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from eaglecache.config import load_config
-from eaglecache.precompute.store import PartWriter, Sample, create_or_check_cache, open_cache
+from eaglecache.precompute.reader import Sample, open_cache
+from eaglecache.precompute.store import PartWriter, create_or_check_cache
 from eaglecache.target import target_config, weights_hash
 from eaglecache.train.loader import InMemoryFeatures
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.store import PartWriter, Sample, create_or_check_cache, open_cache
+from eaglecache.precompute.reader import Sample, open_cache
+from eaglecache.precompute.store import PartWriter, create_or_check_cache
 from eaglecache.train.loader import InMemoryFeatures, SamplePlan, StreamingLoader
 
 HIDDEN, NUM_AUX = 8, 3

@@ -15,7 +15,7 @@ import torch
 
 from test_train_equivalence import single_rank  # noqa: F401  (module fixture: gloo world of 1)
 from eaglecache.config import load_config
-from eaglecache.precompute.store import open_cache
+from eaglecache.precompute.reader import open_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

@@ -93,7 +93,7 @@ def code_version() -> str:
 
 
 def cache_fingerprint(cache_dir: str) -> str:
-    from eaglecache.precompute.store import open_cache
+    from eaglecache.precompute.reader import open_cache
 
     return hashlib.sha256(json.dumps(open_cache(cache_dir).metadata, sort_keys=True).encode()).hexdigest()
 

@@ -43,7 +43,7 @@ def check_inputs(config, args) -> None:
 
     tc = config.train
     if tc.source == "cache":
-        from eaglecache.precompute.store import open_cache
+        from eaglecache.precompute.reader import open_cache
 
         if not args.cache:
             raise UserError("train.source=cache needs --cache DIR (a feature cache from `eaglecache precompute`)")

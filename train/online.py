@@ -71,7 +71,7 @@ class OnlineFeatures:
 
     @torch.no_grad()
     def read(self, sample_id: int):
-        from eaglecache.precompute.store import Sample
+        from eaglecache.precompute.reader import Sample
 
         with self._lock:
             row = self.dataset.sample(int(sample_id))
