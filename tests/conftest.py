@@ -61,3 +61,33 @@ def tiny_cache(tiny_target, tiny_dataset, tmp_path_factory):
     assert main(["precompute", "--input", str(tiny_dataset), "--output", str(cache),
                  f"target.path={tiny_target}", "precompute.shard_tokens=4096", "precompute.chunk_tokens=256"]) == 0
     return cache
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """torch.distributed (gloo, world size 1) in this process, one thread, for the whole session.
+
+    Session-scoped because DeepSpeed caches its world group at module level: a second process group
+    created in the same interpreter after a teardown meets that stale group ("group is not registered").
+    """
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only spin
+    from eaglecache.train.engine import init_distributed
+
+    yield init_distributed()
+    torch.set_num_threads(threads)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -7,8 +7,6 @@ file against the format (vLLM names, bf16, trainable tensors only).
 """
 
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -81,31 +79,6 @@ def fp32_weights(run_dir, step=None):
 
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    """torch.distributed (gloo, world size 1) in this process, one thread; torn down afterwards."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only spin
-    from eaglecache.train.engine import init_distributed
-
-    yield init_distributed()
-    torch.set_num_threads(threads)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_cache_and_memory_train_bit_identically(tmp_path, tiny_target, single_rank):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_equivalence import single_rank  # noqa: F401  (module fixture: gloo world of 1)
 from eaglecache.config import load_config
 from eaglecache.precompute.reader import open_cache
 
@@ -54,7 +53,7 @@ def test_online_features_are_the_caches(online, tiny_cache, tiny_target):
 
 
 def test_cache_and_online_loss_curves_agree_within_one_percent(online, tiny_cache, tiny_target, tmp_path,
-                                                               single_rank):  # noqa: F811
+                                                               single_rank):
     from eaglecache.train.main import train
 
     rank, world, device = single_rank
@@ -73,7 +72,7 @@ def test_cache_and_online_loss_curves_agree_within_one_percent(online, tiny_cach
     assert curves["cache"][-1] < curves["cache"][0]
 
 
-def test_training_raises_the_simulated_accept_length(tiny_cache, tiny_target, tmp_path, single_rank):  # noqa: F811
+def test_training_raises_the_simulated_accept_length(tiny_cache, tiny_target, tmp_path, single_rank):
     """160 steps of 2 sequences (10 epochs of the 33 cached conversations, about a minute on one core)."""
     from eaglecache.train.main import train
 
