@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from eaglecache.errors import UserError
 from eaglecache.serve.card import render_model_card
-from eaglecache.target import default_aux_layer_ids, file_sha256, target_config
+from eaglecache.target import default_aux_layer_ids, file_sha256, read_head_tensors, target_config
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +45,6 @@ REQUIRED_TENSORS = ("fc.weight",) + LAYER_TENSORS
 
 
 # ---------------------------------------------------------------- target reading
-def _target_weight_files(target_dir: Path) -> dict[str, Path]:
-    index = target_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: target_dir / file for name, file in weight_map.items()}
-    files = {}
-    for file in sorted(target_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            files.update({name: file for name in f.keys()})
-    return files
-
-
-def read_target_tensor(target_dir: str | Path, name: str) -> torch.Tensor:
-    """One tensor of the target checkpoint by name, without loading the others."""
-    files = _target_weight_files(Path(target_dir))
-    if name not in files:
-        raise UserError(f"target {target_dir}: no tensor {name!r} in its safetensors")
-    with safe_open(str(files[name]), framework="pt") as f:
-        return f.get_tensor(name)
-
-
 def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None = None,
                        draft_vocab_size: int | None = None) -> dict[str, Any]:
     """The draft.json-style architecture of a one-layer draft with the target's own dimensions."""
@@ -307,7 +286,7 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
         # The draft shares the target's final norm (frozen), so the run may not have saved it.
         if target_dir is None:
             raise UserError(f"{run_dir}/final has no norm.weight and the target is unknown")
-        target_norm = read_target_tensor(target_dir, f"{weights_prefix}model.norm.weight")
+        target_norm = read_head_tensors(target_dir, weights_prefix, ("norm",))["norm"]
     selected = select_draft_tensors(tensors, config, target_norm)
     provenance = {
         "source": "training run", "run_dir": str(run_dir.resolve()),

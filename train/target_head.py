@@ -4,7 +4,8 @@ The draft shares these three with the target (as the seed does) and never trains
 them. Only these tensors are read, never the decoder layers: for MiniMax-M3 the
 whole checkpoint is hundreds of GB, these three about 5 GB. Names are looked up
 under ``target.weights_prefix`` (``language_model.`` for MiniMax-M3's VL
-checkpoint), in sharded checkpoints through ``model.safetensors.index.json``.
+checkpoint), in sharded checkpoints through ``model.safetensors.index.json``
+(the reading itself is ``eaglecache.target.read_head_tensors``).
 
 They are kept as non-persistent buffers, not parameters: ZeRO-3 would partition
 frozen parameters too and gather them at every use, while buffers stay whole on
@@ -13,59 +14,22 @@ every rank and never enter checkpoints or the exported weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from eaglecache.errors import UserError
-from eaglecache.target import target_config
-
-EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "model.language_model.embed_tokens.weight")
-NORM_NAMES = ("model.norm.weight", "norm.weight", "model.language_model.norm.weight")
-LM_HEAD_NAMES = ("lm_head.weight",)
-
-
-def _weight_files(target_dir: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the index when the checkpoint is sharded."""
-    index = target_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: target_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    files: dict[str, Path] = {}
-    for file in sorted(target_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            files.update(dict.fromkeys(handle.keys(), file))
-    if not files:
-        raise UserError(f"target {target_dir}: no *.safetensors weights")
-    return files
-
-
-def _read(files: dict[str, Path], prefix: str, candidates: tuple[str, ...], what: str,
-          target_dir: Path) -> torch.Tensor | None:
-    for name in candidates:
-        full = prefix + name
-        if full in files:
-            with safe_open(str(files[full]), framework="pt") as handle:
-                return handle.get_tensor(full)
-    if what:
-        tried = ", ".join(prefix + n for n in candidates)
-        raise UserError(f"target {target_dir}: no {what} tensor (tried {tried}); check target.weights_prefix")
-    return None
+from eaglecache.target import read_head_tensors, target_config
 
 
 def read_target_head(target_dir: str | Path, weights_prefix: str = "") -> dict[str, torch.Tensor]:
     """``embed`` [V, H], ``norm`` [H] and ``lm_head`` [V, H] of the target (the embedding when tied)."""
-    target_dir = Path(target_dir)
-    config = target_config(target_dir)
-    files = _weight_files(target_dir)
-    embed = _read(files, weights_prefix, EMBED_NAMES, "embedding", target_dir)
-    norm = _read(files, weights_prefix, NORM_NAMES, "final norm", target_dir)
-    lm_head = _read(files, weights_prefix, LM_HEAD_NAMES, "", target_dir)
+    head = read_head_tensors(target_dir, weights_prefix)
+    embed, norm, lm_head = head["embed"], head["norm"], head["lm_head"]
     if lm_head is None:
-        if not config.get("tie_word_embeddings", False):
+        if not target_config(target_dir).get("tie_word_embeddings", False):
             raise UserError(f"target {target_dir}: no {weights_prefix}lm_head.weight and embeddings are not tied")
         lm_head = embed
     if embed.shape != lm_head.shape or norm.shape != (embed.shape[1],):
