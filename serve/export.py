@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from eaglecache.errors import UserError
 from eaglecache.serve.card import render_model_card
 from eaglecache.target import default_aux_layer_ids, file_sha256, read_head_tensors, target_config
+from eaglecache.train.draft import ROPE_KEYS, DraftArch
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT, EXPORT_VERSION = "eaglecache.export", 1
-ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 # Tensors of the one decoder layer, in vLLM's checkpoint names (before its qkv/gate_up stacking).
 LAYER_TENSORS = (
     "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
@@ -47,27 +47,11 @@ REQUIRED_TENSORS = ("fc.weight",) + LAYER_TENSORS
 # ---------------------------------------------------------------- target reading
 def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None = None,
                        draft_vocab_size: int | None = None) -> dict[str, Any]:
-    """The draft.json-style architecture of a one-layer draft with the target's own dimensions."""
+    """The draft.json-style architecture of a one-layer draft with the target's own dimensions
+    (the text model's config of a VL target), as training writes it."""
     t = target_config(target_dir)
-    hidden, heads = t["hidden_size"], t["num_attention_heads"]
-    arch = {
-        "hidden_size": hidden,
-        "intermediate_size": t["intermediate_size"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": t.get("num_key_value_heads", heads),
-        "head_dim": t.get("head_dim") or hidden // heads,
-        "rms_norm_eps": t.get("rms_norm_eps", 1e-6),
-        "hidden_act": t.get("hidden_act", "silu"),
-        "vocab_size": t["vocab_size"],
-        "draft_vocab_size": draft_vocab_size or t["vocab_size"],
-        "target_hidden_size": hidden,
-        "target_num_hidden_layers": t["num_hidden_layers"],
-        "aux_layer_ids": list(aux_layer_ids or default_aux_layer_ids(t["num_hidden_layers"])),
-        "max_position_embeddings": t.get("max_position_embeddings", 4096),
-        "initializer_range": t.get("initializer_range", 0.02),
-    }
-    arch.update({k: t[k] for k in ROPE_KEYS if t.get(k) is not None})
-    return arch
+    aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(t["num_hidden_layers"]))
+    return DraftArch.from_target(t, aux_layer_ids, draft_vocab_size).to_json()
 
 
 # ---------------------------------------------------------------- the vLLM config
