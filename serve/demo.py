@@ -105,7 +105,7 @@ def _run_stage(number: int, total: int, title: str, argv: list[str], env: dict[s
     return seconds
 
 
-def final_simulated_accept_length(run_dir: Path, last_records: int = 3) -> float | None:
+def final_simulated_accept_length(run_dir: Path, last_records: int = 5) -> float | None:
     """Mean accept_len_3 of the last logged training steps (train/metrics.py)."""
     from eaglecache.serve.export import training_metrics
 

@@ -5,9 +5,12 @@ over ranks (one all-reduce) and turns sums into the logged values:
 
 - ``ce_k`` / ``acc_k``: soft cross-entropy and argmax agreement of TTT step k, over
   its loss-masked positions (step k predicts the (k+1)-th token ahead);
-- ``accept_len_3`` = 1 + sum_{i<3} prod_{j<=i} acc_j: the training-time proxy of
-  vLLM's mean acceptance length with 3 speculative tokens (1 + accepted / drafts),
-  ``accept_len_all`` the same over all TTT steps;
+- ``accept_len_3``: the mean accept length of vLLM's greedy speculative decoding with 3
+  draft tokens (1 + accepted / drafts), simulated on the training tokens by walking
+  them the way the decoder does (``decode_walk``); ``accept_len_all`` the same with
+  as many draft tokens as TTT steps. Averaging per-step accuracies over all positions
+  instead (1 + acc_0 + acc_0 acc_1 + ...) overstates it: the decoder skips through easy
+  stretches in a few rounds but visits every position of a hard one;
 - ``loss``: the optimized objective (train/ttt.py), averaged over micro-batches;
 - ``tokens_per_s``: real (unpadded) tokens of all ranks per second of wall time;
 - ``data_wait_fraction``: time the step waited for the loader / total step time.
@@ -19,18 +22,55 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 
-def simulated_accept_length(accuracies: list[float], num_speculative: Optional[int] = None) -> float:
-    """1 + sum_i prod_{j<=i} acc_j over the first ``num_speculative`` positions (all when None)."""
-    total, running = 1.0, 1.0
-    for acc in accuracies[:num_speculative]:
-        running *= acc
-        total += running
-    return total
+def _ahead(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """mask[:, t + k] at t (False past the end)."""
+    return torch.nn.functional.pad(mask[:, k:], (0, k))
+
+
+def decode_walk(agree: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Greedy speculative decoding walked over the data: [K, 2] fp64 (accepted, rounds) per draft depth.
+
+    ``agree[k, b, t]``: TTT step k at position t predicted the target's argmax for token t + k + 2
+    (train/ttt.py's indexing); ``loss_mask[b, t]``: token t is one the target generated. The decoder
+    drafts after each token t + 1 it generated whose successor it also generated (so not after the
+    end of a turn), and a draft token counts only inside the turn. With d draft tokens a round at
+    t accepts the n <= d leading correct steps; the next round is at t + n + 1 (the target's own
+    token follows the accepted ones), or at the next turn. Conditioned on acceptance the draft's
+    inputs are the data's tokens, so on the target's own greedy output this is what vLLM measures.
+    """
+    steps = agree.shape[0]
+    generated = loss_mask.bool()
+    correct = agree & torch.stack([_ahead(generated, k + 2) for k in range(steps)])
+    leading = correct.to(torch.int32).cumprod(dim=0).cumsum(dim=0).cpu()  # [d - 1]: leading correct of d
+    active = (_ahead(generated, 1) & _ahead(generated, 2)).cpu()
+    totals = torch.zeros(steps, 2, dtype=torch.float64)
+    for row in range(active.shape[0]):
+        starts = torch.nonzero(active[row]).flatten().tolist()
+        if not starts:
+            continue
+        is_active = active[row].tolist()
+        length = len(is_active)
+        for depth in range(steps):
+            accepted = leading[depth, row].tolist()
+            total, rounds, t, next_start = 0, 0, starts[0], 0
+            while t < length:
+                if not is_active[t]:
+                    while next_start < len(starts) and starts[next_start] < t:
+                        next_start += 1
+                    if next_start == len(starts):
+                        break
+                    t = starts[next_start]
+                total += accepted[t]
+                rounds += 1
+                t += accepted[t] + 1
+            totals[depth, 0] += total
+            totals[depth, 1] += rounds
+    return totals
 
 
 class MetricsTracker:
@@ -41,7 +81,7 @@ class MetricsTracker:
         self.reset()
 
     def reset(self) -> None:
-        self.stats = torch.zeros(self.ttt_length, 3, dtype=torch.float64)
+        self.stats = torch.zeros(self.ttt_length, 5, dtype=torch.float64)
         self.loss_sum, self.micro_batches, self.tokens = 0.0, 0, 0
         self.wait_s, self.step_s = 0.0, 0.0
 
@@ -63,15 +103,16 @@ class MetricsTracker:
             flat = flat.to(self.device)
             torch.distributed.all_reduce(flat)
             flat = flat.cpu()
-        stats = flat[:self.ttt_length * 3].view(self.ttt_length, 3)
-        loss_sum, micro_batches, tokens, wait_s, step_s = flat[self.ttt_length * 3:].tolist()
+        stats = flat[:self.ttt_length * 5].view(self.ttt_length, 5)
+        loss_sum, micro_batches, tokens, wait_s, step_s = flat[self.ttt_length * 5:].tolist()
         count = stats[:, 2].clamp_min(1)
         ce, acc = (stats[:, 0] / count).tolist(), (stats[:, 1] / count).tolist()
+        walk = (1 + stats[:, 3] / stats[:, 4].clamp_min(1)).tolist()
         wall_s = step_s / world_size  # ranks run side by side
         record = {
             "loss": loss_sum / max(1, micro_batches),
-            "accept_len_3": simulated_accept_length(acc, 3),
-            "accept_len_all": simulated_accept_length(acc),
+            "accept_len_3": walk[min(3, self.ttt_length) - 1],
+            "accept_len_all": walk[-1],
             "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
             "data_wait_fraction": wait_s / step_s if step_s > 0 else 0.0,
             "tokens": int(tokens),

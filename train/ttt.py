@@ -39,6 +39,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from eaglecache.train.attention import KeyCache
+from eaglecache.train.metrics import decode_walk
 
 
 @dataclass
@@ -68,7 +69,11 @@ def step_weights(loss_mask: torch.Tensor, ttt_length: int, ttt_decay: float) -> 
 
 
 def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
-    """The TTT training loss of one micro-batch: (loss, stats [K, 3] fp64 = CE sum, correct, count)."""
+    """The TTT training loss of one micro-batch: (loss, stats [K, 5] fp64).
+
+    Row k of stats: step k's CE sum, correct count, position count, then the accepted tokens and
+    drafting rounds of a greedy decode walk with k + 1 speculative tokens (train/metrics.py).
+    """
     batch, length = input_ids.shape
     steps = settings.ttt_length
     dtype = draft.fc.weight.dtype
@@ -89,7 +94,8 @@ def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
     masks, weights = step_weights(loss_mask, steps, settings.ttt_decay)
     with torch.no_grad():
         teacher = draft.target.final_norm(final)
-    return draft.lm_head(torch.stack(normed), teacher, masks, weights, settings.loss_chunk_tokens)
+    loss, stats, agree = draft.lm_head(torch.stack(normed), teacher, masks, weights, settings.loss_chunk_tokens)
+    return loss, torch.cat([stats, decode_walk(agree, loss_mask).to(stats.device)], dim=1)
 
 
 class LMHeadLoss(nn.Module):
@@ -150,6 +156,7 @@ class _ChunkedSoftCE(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         stats = torch.zeros(steps, 3, dtype=torch.float64, device=hidden.device)
         stats[:, 2] = masks.sum(dim=(1, 2)).double()
+        agree = torch.zeros_like(masks)  # [K, B, T]: step k's argmax is the teacher's (mask or not)
         span = max(1, chunk_tokens // batch)
         for start in range(0, length, span):
             stop = min(start + span, length)
@@ -185,18 +192,20 @@ class _ChunkedSoftCE(torch.autograd.Function):
                     draft_argmax = draft_ids[draft_argmax]
                 loss += (ce * w).sum().double()
                 stats[k, 0] += (ce * m).sum().double()
-                stats[k, 1] += ((draft_argmax == target_argmax[:, k:k + n].flatten()) & m).sum().double()
+                match = draft_argmax == target_argmax[:, k:k + n].flatten()
+                agree[k, :, start:end] = match.view(batch, n)
+                stats[k, 1] += (match & m).sum().double()
                 grad_logits = q.sub_(p).mul_(w[:, None])  # d loss / d logits = w * (softmax - teacher)
                 grad_hidden[k, :, start:end] = (grad_logits.to(draft_weight.dtype) @ draft_weight).view(batch, n, -1)
                 if want_weight_grad:
                     grad_weight.addmm_(grad_logits.T, h.to(acc))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = draft_weight.dtype
-        ctx.mark_non_differentiable(stats)
-        return loss.to(acc), stats
+        ctx.mark_non_differentiable(stats, agree)
+        return loss.to(acc), stats, agree
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
+    def backward(ctx, grad_loss, grad_stats, grad_agree):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
