@@ -5,12 +5,23 @@ ranges of about equal token counts; job ``shard_index`` writes its range into
 ``parts/part-IIIII-of-NNNNN`` of the output directory, so a job array (any
 number of nodes) fills one cache that the trainer reads as one. A job that is
 restarted resumes its part: samples already committed are not recomputed.
+
+Faults: the job holds its part's lock (precompute/ownership.py) from before the
+engine starts, so a second job on the same part fails at once with one line; a
+shard a killed job renamed into place but never recorded is removed before the
+part is reopened; a full disk is one error line naming the path and the bytes a
+shard needs, and what was committed before stays valid for the rerun.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import shutil
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,7 +103,7 @@ def _wait_for_writer(llm, expected: int, timeout_s: float = 600.0) -> dict:
     while True:
         status = _rpc(llm, "eaglecache_part_status")
         if status["error"]:
-            raise RuntimeError(f"hidden-state writer failed: {status['error']}")
+            raise WriterFailed(status["error"])
         if status["received"] >= expected:
             return status
         if time.monotonic() > deadline:
@@ -110,10 +121,9 @@ def resolve_layers(config, target_path) -> tuple[list[int], int]:
 
 def run_precompute(config, args, llm=None) -> int:
     """Write this job's part of the cache. ``llm``: an engine from ``build_engine`` to reuse (tests)."""
-    from tqdm import tqdm
-
     from eaglecache.data.schema import open_dataset
-    from eaglecache.precompute.engine import build_engine, check_fits, prefill
+    from eaglecache.precompute.engine import build_engine
+    from eaglecache.precompute.ownership import PartLock
     from eaglecache.precompute.store import create_or_check_cache, part_name
     from eaglecache.target import resolve_target
 
@@ -130,15 +140,36 @@ def run_precompute(config, args, llm=None) -> int:
     aux_layer_ids, num_layers = resolve_layers(config, target_path)
     metadata = cache_metadata(config, dataset, target_path, aux_layer_ids, num_parts, num_samples)
     num_tokens = dataset.num_tokens_array()[:num_samples]
-    start, stop = split_parts(num_tokens, num_parts)[part_index]
-    create_or_check_cache(args.output, metadata)
+    name = part_name(part_index, num_parts)
+    part_dir = Path(args.output) / "parts" / name
+    with disk_full_is_user_error(part_dir, shard_bytes(metadata)):
+        create_or_check_cache(args.output, metadata)
+        lock = PartLock(args.output, name).acquire()
     if pc.fp8:
         log.warning("precompute.fp8 is ON: states are stored LOSSY as FP8 e4m3 with a scale per token and layer; "
                     "training from this cache is NOT bit-equivalent to online training")
-
     own_engine = llm is None
-    if own_engine:
-        llm = build_engine(config, target_path, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
+    try:
+        drop_unlisted_shards(part_dir)
+        if own_engine:
+            llm = build_engine(config, target_path, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
+            lock.adopt_children()  # a SIGKILLed driver takes its engine (and writer) down with it
+        with disk_full_is_user_error(part_dir, shard_bytes(metadata)):
+            return _write_part(llm, config, args, dataset, metadata, num_tokens, part_index, num_parts)
+    finally:
+        if own_engine and llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        lock.release()
+
+
+def _write_part(llm, config, args, dataset, metadata, num_tokens, part_index: int, num_parts: int) -> int:
+    from tqdm import tqdm
+
+    from eaglecache.precompute.engine import check_fits, prefill
+    from eaglecache.precompute.store import part_name
+
+    pc = config.precompute
+    start, stop = split_parts(num_tokens, num_parts)[part_index]
     if stop > start:
         check_fits(llm, int(num_tokens[start:stop].max()))
     opened = _rpc(llm, "eaglecache_open_part", str(args.output), part_index, num_parts, metadata,
@@ -166,7 +197,7 @@ def run_precompute(config, args, llm=None) -> int:
                 last_poll = time.perf_counter()
                 status = _rpc(llm, "eaglecache_part_status")
                 if status["error"]:
-                    raise RuntimeError(f"hidden-state writer failed: {status['error']}")
+                    raise WriterFailed(status["error"])
                 bar.set_postfix_str(f"{status['bytes_written'] / 1e9:.2f} GB written")
         bar.close()
         _wait_for_writer(llm, len(todo))
@@ -177,11 +208,66 @@ def run_precompute(config, args, llm=None) -> int:
         else:  # keep what was committed for the next run; the error that got us here is the one to see
             try:
                 _rpc(llm, "eaglecache_close_part", False)
-            except Exception:
-                log.exception("committing the part after a failure failed too")
+            except Exception as exc:  # the writer's own failure again, already being raised
+                log.warning("closing %s after the failure: %s", name, str(exc).splitlines()[0][:300])
     elapsed = time.perf_counter() - started
     _print_summary(name, args.output, summary, elapsed)
     return 0
+
+
+class WriterFailed(RuntimeError):
+    """The shard writer (in vLLM's worker process) stopped; ``str`` is its exception's repr."""
+
+    def __init__(self, error: str):
+        super().__init__(f"hidden-state writer failed: {error}")
+        self.error = error
+
+
+def shard_bytes(metadata: dict) -> int:
+    """Upper bound of one shard on disk: ``shard_tokens`` tokens of uncompressed arrays."""
+    per_token = 4 + 1 + 2 * (len(metadata["aux_layer_ids"]) + 1) * metadata["hidden_size"]
+    return int(metadata["shard_tokens"]) * per_token
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC raised here, or reported by the writer in another process (then only its text arrives)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "OSError(28,", "Errno 28"))
+
+
+@contextmanager
+def disk_full_is_user_error(part_dir: Path, needed: int):
+    """Turn ENOSPC into one line: where, how many bytes one shard needs, what is free, what is kept."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        where = part_dir if part_dir.exists() else part_dir.parent.parent
+        free = shutil.disk_usage(where).free
+        committed = _listed_shards(part_dir)
+        raise UserError(f"disk full writing {where}: a shard needs up to {needed:,} bytes and {free:,} are free "
+                        f"there; the {len(committed)} shards committed before are intact; free space and rerun "
+                        "the same command to resume") from None
+
+
+def _listed_shards(part_dir: Path) -> set[str]:
+    try:
+        return {s["name"] for s in json.loads((part_dir / "part.json").read_text())["shards"]}
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
+def drop_unlisted_shards(part_dir: Path) -> None:
+    """Remove shard directories that part.json does not list: a job killed after renaming a shard into
+    place but before recording it leaves one, and its name is the next shard's. Call with the lock held."""
+    listed = _listed_shards(part_dir)
+    for path in sorted(part_dir.glob("shard-*.zarr")):
+        if path.name not in listed:
+            log.warning("%s: removing %s, written by a killed run but never recorded", part_dir, path.name)
+            shutil.rmtree(path)
 
 
 def _print_summary(name: str, output, summary: dict, elapsed: float) -> None:
