@@ -4,6 +4,12 @@ The layout and the writer are precompute/store.py; this module only reads:
 opening checks the format version and the parts, builds the sample index from
 the part manifests (no array data), and ``read(sample_id)`` decodes just the
 chunks of that sample.
+
+A cache is read from a local (or shared) filesystem path, or from any URL fsspec
+opens, e.g. ``s3://bucket/prefix`` (needs ``s3fs``): the part manifests through
+fsspec, the shards through zarr's ``FsspecStore``. S3 credentials and endpoint
+come from the standard AWS settings (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_ENDPOINT_URL`` for an S3-compatible server, ``AWS_PROFILE``, ~/.aws/config).
 """
 
 from __future__ import annotations
@@ -36,19 +42,71 @@ class Sample:
     sample_id: int = -1
 
 
-def read_parts(cache_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+def read_parts(cache_dir: str | Path) -> list[tuple[Path | str, dict[str, Any]]]:
     """(part dir, part.json record) of every part present, in part order; never writes."""
+    files = CacheFiles(cache_dir)
     parts = []
-    for part_json in sorted((Path(cache_dir) / PARTS_DIR).glob(f"part-*/{PART_FILE}")):
+    for part_json in files.glob(f"{PARTS_DIR}/part-*/{PART_FILE}"):
         try:
-            record = json.loads(part_json.read_text())
+            record = json.loads(files.read_text(part_json) or "")
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{part_json}: unreadable ({exc.__class__.__name__})") from None
         if record.get("format") != PART_FORMAT or record.get("version") != VERSION:
             raise UserError(f"{part_json}: part format {record.get('format')!r} v{record.get('version')!r} "
                             f"is not supported (this code reads {PART_FORMAT} v{VERSION})")
-        parts.append((part_json.parent, record))
+        part_dir = part_json.parent if isinstance(part_json, Path) else part_json.rsplit("/", 1)[0]
+        parts.append((part_dir, record))
     return parts
+
+
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+class CacheFiles:
+    """File access under a cache root: ``pathlib`` for a local path, fsspec for a URL.
+
+    Paths it hands out are ``Path`` objects locally and URL strings remotely; the
+    fsspec filesystem is looked up per call (fsspec caches instances), so the object
+    pickles as just its root.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root: Path | str = str(root).rstrip("/") if is_url(root) else Path(root)
+
+    def join(self, base: Path | str, *names: str) -> Path | str:
+        return "/".join([base, *names]) if isinstance(base, str) else base.joinpath(*names)
+
+    @staticmethod
+    def _fs(url: str):
+        import fsspec
+
+        try:
+            return fsspec.core.url_to_fs(url)[0]
+        except ImportError as exc:  # e.g. s3:// without s3fs
+            raise UserError(f"{url}: cannot open this URL ({exc})") from None
+
+    def read_text(self, path: Path | str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        if isinstance(path, Path):
+            return path.read_text() if path.is_file() else None
+        try:
+            return self._fs(path).cat_file(path).decode()
+        except FileNotFoundError:
+            return None
+
+    def glob(self, pattern: str) -> list[Path | str]:
+        """Files matching ``pattern`` (relative to the root), sorted."""
+        if isinstance(self.root, Path):
+            return sorted(self.root.glob(pattern))
+        fs = self._fs(self.root)
+        return sorted(fs.unstrip_protocol(p) for p in fs.glob(self.join(self.root, pattern)))
+
+    def open_group(self, path: Path | str):
+        """A shard's Zarr group, read-only, through its consolidated metadata."""
+        store = path if isinstance(path, Path) else zarr.storage.FsspecStore.from_url(path, read_only=True)
+        with _consolidated_metadata():
+            return zarr.open_group(store, mode="r", use_consolidated=True)
 
 
 class FeatureCache:
@@ -63,15 +121,18 @@ class FeatureCache:
 
     def __init__(self, path: str | Path, allow_partial: bool = False):
         use_fast_codec_pipeline()
-        self.path = Path(path)
-        if not (self.path / CACHE_FILE).is_file():
+        self.files = CacheFiles(path)
+        self.path = self.files.root
+        cache_json = self.files.join(self.path, CACHE_FILE)
+        text = self.files.read_text(cache_json)
+        if text is None:
             raise UserError(f"{self.path}: no {CACHE_FILE} (not a feature cache, or precompute has not started)")
-        self.metadata: dict[str, Any] = _read_cache_json(self.path / CACHE_FILE)["metadata"]
+        self.metadata: dict[str, Any] = _read_cache_json(cache_json, text)["metadata"]
         self.fp8 = self.metadata["dtype"] == "fp8_e4m3"
         self.parts = read_parts(self.path)
         self._check_parts(allow_partial)
         self.skipped = [s for _, record in self.parts for s in record["skipped"]]
-        self.shard_paths: list[Path] = []
+        self.shard_paths: list[Path | str] = []
         ids, shard_of, starts, lengths = [], [], [], []
         for part_dir, record in self.parts:
             for shard in record["shards"]:
@@ -80,7 +141,7 @@ class FeatureCache:
                 shard_of.append(np.full(len(n), len(self.shard_paths), dtype=np.int32))
                 starts.append(np.cumsum(n) - n)
                 lengths.append(n)
-                self.shard_paths.append(part_dir / shard["name"])
+                self.shard_paths.append(self.files.join(part_dir, shard["name"]))
         cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
         ids = cat(ids, np.int64)
         order = np.argsort(ids, kind="stable")
@@ -97,7 +158,7 @@ class FeatureCache:
         want = fingerprint(self.metadata)
         for part_dir, record in self.parts:
             if record["cache_fingerprint"] != want:
-                raise UserError(f"{part_dir}: belongs to a cache with other settings than {self.path / CACHE_FILE}")
+                raise UserError(f"{part_dir}: belongs to a cache with other settings than {self.path}/{CACHE_FILE}")
         num_parts = self.metadata["num_parts"]
         done = {r["part_index"] for _, r in self.parts if r["complete"] and r["num_parts"] == num_parts}
         missing = [i for i in range(num_parts) if i not in done]
@@ -129,9 +190,7 @@ class FeatureCache:
         """The opened Zarr arrays of shard ``index`` by name (kept in a small LRU)."""
         group = self._open.get(index)
         if group is None:
-            with _consolidated_metadata():
-                opened = zarr.open_group(self.shard_paths[index], mode="r", use_consolidated=True)
-            group = dict(opened.arrays())
+            group = dict(self.files.open_group(self.shard_paths[index]).arrays())
             self._open[index] = group
             if len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
@@ -159,5 +218,6 @@ class FeatureCache:
 
 
 def open_cache(path: str | Path, allow_partial: bool = False) -> FeatureCache:
-    """Open a cache read-only as one logical store over all its parts (refuses unknown versions)."""
+    """Open a cache (a directory, or a URL such as s3://bucket/prefix) read-only as one logical store over
+    all its parts (refuses unknown versions)."""
     return FeatureCache(path, allow_partial=allow_partial)

@@ -349,9 +349,10 @@ def create_or_check_cache(cache_dir: str | Path, metadata: dict[str, Any]) -> Pa
     return path
 
 
-def _read_cache_json(path: Path) -> dict[str, Any]:
+def _read_cache_json(path: Path | str, text: str | None = None) -> dict[str, Any]:
+    """cache.json at ``path`` (or its ``text``, already fetched from a remote store), checked."""
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(Path(path).read_text() if text is None else text)
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not a readable cache.json ({exc.__class__.__name__})") from None
     if doc.get("format") != FORMAT:

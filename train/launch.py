@@ -104,6 +104,8 @@ def master_port(launcher) -> int:
 
 
 def launcher_command(config, args, run_dir: Path) -> list[str]:
+    from eaglecache.precompute.reader import is_url
+
     lc = config.train.launcher
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(lc.num_gpus),
            "--master_port", str(master_port(lc))]
@@ -112,7 +114,7 @@ def launcher_command(config, args, run_dir: Path) -> list[str]:
     cmd += ["--module", "eaglecache.train.main", "--run-dir", str(run_dir)]
     for flag, value in (("--cache", args.cache), ("--data", args.data), ("--vocab", args.vocab)):
         if value:
-            cmd += [flag, str(Path(value).resolve())]
+            cmd += [flag, value if is_url(value) else str(Path(value).resolve())]  # s3://... stays a URL
     return cmd
 
 
