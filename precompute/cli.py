@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     cache = subparsers.add_parser("cache", help="Inspect and check a feature cache.")
     sub = cache.add_subparsers(dest="cache_command", metavar="COMMAND", required=True)
     p = add_command(sub, "info", _info, "Print what a cache holds: samples, tokens, layers, codec, provenance.")
-    p.add_argument("cache", metavar="DIR", help="Cache directory.")
+    p.add_argument("cache", metavar="DIR", help="Cache directory, or a URL such as s3://bucket/prefix.")
     p = add_command(sub, "verify", _verify,
                     "Re-read every shard: shapes, write-time checksums, no NaN/Inf. Exits non-zero on damage.")
     p.add_argument("cache", metavar="DIR", help="Cache directory.")
