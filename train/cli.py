@@ -20,7 +20,8 @@ def register(subparsers) -> None:
                     "Train the EAGLE3 draft with DeepSpeed ZeRO-3 and TTT from a feature cache "
                     "(starts the `deepspeed` launcher with train.launcher settings).")
     p.add_argument("--cache", metavar="DIR", default=None,
-                   help="Feature cache from `eaglecache precompute` (not needed with train.source=online).")
+                   help="Feature cache from `eaglecache precompute`: a directory or a URL such as "
+                        "s3://bucket/prefix (not needed with train.source=online).")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="Prepared Parquet dataset, for train.source=online.")
     p.add_argument("--output", required=True, metavar="DIR", help="Run directory: checkpoints, logs, final weights.")
