@@ -155,14 +155,16 @@ def run_precompute(config, args, llm=None) -> int:
             llm = build_engine(config, target_path, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
             lock.adopt_children()  # a SIGKILLed driver takes its engine (and writer) down with it
         with disk_full_is_user_error(part_dir, shard_bytes(metadata)):
-            return _write_part(llm, config, args, dataset, metadata, num_tokens, part_index, num_parts)
+            return _write_part(llm, config, args, dataset, metadata, num_tokens, part_index, num_parts,
+                               engine_is_ours=own_engine)
     finally:
         if own_engine and llm is not None:
             llm.llm_engine.engine_core.shutdown()
         lock.release()
 
 
-def _write_part(llm, config, args, dataset, metadata, num_tokens, part_index: int, num_parts: int) -> int:
+def _write_part(llm, config, args, dataset, metadata, num_tokens, part_index: int, num_parts: int, *,
+                engine_is_ours: bool) -> int:
     from tqdm import tqdm
 
     from eaglecache.precompute.engine import check_fits, prefill
@@ -186,7 +188,7 @@ def _write_part(llm, config, args, dataset, metadata, num_tokens, part_index: in
              len(todo), len(committed), todo_tokens)
 
     started = time.perf_counter()
-    complete = False
+    complete = writer_failed = False
     try:
         samples = (s for s in dataset.iter_samples(start, stop) if s["sample_id"] not in committed)
         bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"precompute {name}", dynamic_ncols=True)
@@ -202,9 +204,14 @@ def _write_part(llm, config, args, dataset, metadata, num_tokens, part_index: in
         bar.close()
         _wait_for_writer(llm, len(todo))
         complete = True
+    except WriterFailed:
+        writer_failed = True
+        raise
     finally:
         if complete:
             summary = _rpc(llm, "eaglecache_close_part", True)
+        elif writer_failed and engine_is_ours:
+            pass  # closing would only raise the writer's error again, with vLLM's traceback; the engine goes
         else:  # keep what was committed for the next run; the error that got us here is the one to see
             try:
                 _rpc(llm, "eaglecache_close_part", False)
@@ -234,7 +241,7 @@ def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
-    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "OSError(28,", "Errno 28"))
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "OSError(28,", "os error 28"))
 
 
 @contextmanager
@@ -243,10 +250,11 @@ def disk_full_is_user_error(part_dir: Path, needed: int):
     try:
         yield
     except Exception as exc:
-        if not _is_disk_full(exc):
-            raise
         where = part_dir if part_dir.exists() else part_dir.parent.parent
         free = shutil.disk_usage(where).free
+        # the writer's error may reach us only as a dead engine: then less room than a shard tells
+        if not (_is_disk_full(exc) or free < needed):
+            raise
         committed = _listed_shards(part_dir)
         raise UserError(f"disk full writing {where}: a shard needs up to {needed:,} bytes and {free:,} are free "
                         f"there; the {len(committed)} shards committed before are intact; free space and rerun "

@@ -1,0 +1,291 @@
+"""Precompute under faults ends in exactly the uninterrupted cache.
+
+One chained scenario (vLLM starts take most of the time, so the faults share runs):
+`eaglecache precompute` as a subprocess is SIGKILLed at >= 5 random points (seeded,
+printed) and restarted with the same command; on the way a second job is started on
+the running part, a shard renamed into place but never recorded is planted, shards
+are damaged (flipped byte, truncated file, deleted directory) and verified and
+repaired, and the disk fills up (a small tmpfs). The final cache must equal the
+session's uninterrupted ``tiny_cache`` sample by sample, byte for byte. The tests
+below each check one of those outcomes on the recorded scenario.
+
+``EAGLECACHE_FAULT_TRIALS`` / ``EAGLECACHE_FAULT_SEED`` change the number of kills and
+the seed; ``EAGLECACHE_FAULT_REPORT`` names a JSON file the scenario's record is
+written to (benchmarks/bench_faults.py runs this module that way).
+"""
+
+import argparse
+import contextlib
+import fcntl
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eaglecache.precompute.reader import open_cache
+
+pytestmark = pytest.mark.slow
+
+TRIALS = int(os.environ.get("EAGLECACHE_FAULT_TRIALS", "5"))
+SEED = int(os.environ.get("EAGLECACHE_FAULT_SEED", "7"))
+PART = "part-00000-of-00001"
+# small shards: ~30 commit points over the 48-conversation data set
+SETTINGS = ["precompute.shard_tokens=256", "precompute.chunk_tokens=64"]
+
+
+def committed_samples(cache: Path) -> int:
+    try:
+        record = json.loads((cache / "parts" / PART / "part.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return sum(s["num_samples"] for s in record["shards"])
+
+
+def lock_is_free(cache: Path) -> bool:
+    path = cache / "parts" / f"{PART}.lock"
+    if not path.exists():
+        return True
+    with open(path) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return True
+
+
+def session_survivors(sid: int) -> list[str]:
+    """Live (non-zombie) processes still in the killed job's session."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(f"{proc.pid} {proc.info['name']}")
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def kill_when(proc: subprocess.Popen, cache: Path, at_samples: int, jitter_s: float, whole_job: bool,
+              timeout_s: float = 600.0) -> dict:
+    """SIGKILL the job once part.json lists >= ``at_samples`` samples plus ``jitter_s`` (mid-shard)."""
+    deadline = time.monotonic() + timeout_s
+    while committed_samples(cache) < at_samples:
+        if proc.poll() is not None:
+            return {"finished_first": True, "rc": proc.returncode}
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"precompute did not reach {at_samples} samples in {timeout_s} s")
+        time.sleep(0.02)
+    time.sleep(jitter_s)
+    before = committed_samples(cache)
+    if whole_job:  # what a scheduler does: the whole process tree at once
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:  # `kill -9 PID` of the driver only: its vLLM processes must not outlive it
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 90
+    while not lock_is_free(cache) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return {"finished_first": False, "rc": proc.returncode, "committed_at_kill": before,
+            "lock_freed": lock_is_free(cache), "survivors": session_survivors(proc.pid),
+            "committed_after": committed_samples(cache)}
+
+
+def damage_shards(cache: Path) -> dict[str, str]:
+    """Flip a byte in one shard, truncate a file of another, delete a third: {shard path: how}."""
+    record = json.loads((cache / "parts" / PART / "part.json").read_text())
+    names = [s["name"] for s in record["shards"]]
+    assert len(names) >= 3, names
+    part = cache / "parts" / PART
+    flipped, truncated, deleted = part / names[0], part / names[len(names) // 2], part / names[-1]
+    aux = flipped / "aux" / "c.0.0.0"
+    data = bytearray(aux.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    aux.write_bytes(bytes(data))
+    final = truncated / "final" / "c.0.0"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])
+    shutil.rmtree(deleted)
+    return {str(flipped): "flipped", str(truncated): "truncated", str(deleted): "deleted"}
+
+
+def plant_unrecorded_shard(cache: Path) -> str:
+    """The state of a kill between renaming a shard into place and recording it: drop its manifest entry."""
+    path = cache / "parts" / PART / "part.json"
+    record = json.loads(path.read_text())
+    dropped = record["shards"].pop()
+    record["complete"] = False
+    path.write_text(json.dumps(record))
+    return dropped["name"]
+
+
+def verify(cache: Path, repair: bool) -> tuple[int, str]:
+    from eaglecache.precompute.tools import run_verify
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = run_verify(None, argparse.Namespace(cache=str(cache), repair=repair))
+    return rc, out.getvalue()
+
+
+@contextlib.contextmanager
+def small_disk(root: Path, size: str):
+    """A tmpfs at ``root`` (unmounted afterwards); yields None when mounting is not permitted."""
+    root.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(root)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        yield f"mount -t tmpfs not permitted: {mounted.stderr.strip()}"
+        return
+    try:
+        yield None
+    finally:
+        subprocess.run(["umount", "-l", str(root)], capture_output=True)
+
+
+def resize(root: Path, size_bytes: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(root)], check=True, capture_output=True)
+
+
+def used_bytes(root: Path) -> int:
+    usage = shutil.disk_usage(root)
+    return usage.total - usage.free
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_points(rng: random.Random, num_samples: int, trials: int) -> list[tuple[int, float]]:
+    """Sorted distinct sample counts to kill at (leaving work for the disk-full leg), each with a jitter."""
+    counts = sorted(rng.sample(range(1, max(num_samples * 2 // 3, trials + 2)), trials))
+    return [(c, round(rng.uniform(0.0, 0.3), 3)) for c in counts]
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_target, tiny_dataset, tiny_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    disk = root / "disk"
+    record: dict = {"seed": SEED, "trials": []}
+    num_samples = len(open_cache(tiny_cache).sample_ids)
+    rng = random.Random(SEED)
+    points = kill_points(rng, num_samples, TRIALS)
+    print(f"\nfault injection: seed {SEED}, kill at committed samples (+jitter s): {points}")
+    with small_disk(disk, "256m") as no_mount:
+        record["no_mount"] = no_mount
+        cache = (root if no_mount else disk) / "cache"
+        command = [sys.executable, "-m", "eaglecache.cli", "precompute", "--input", str(tiny_dataset),
+                   "--output", str(cache), f"target.path={tiny_target}", *SETTINGS]
+        for trial, (at, jitter) in enumerate(points):
+            at = max(at, committed_samples(cache) + 1)
+            proc = start(command, root / f"trial-{trial}.log")
+            if trial == 0:
+                record["second_job"] = second_job(command, cache, proc)
+            result = kill_when(proc, cache, at, jitter, whole_job=trial % 2 == 1)
+            result.update(trial=trial, at=at, jitter_s=jitter, whole_job=trial % 2 == 1)
+            record["trials"].append(result)
+            print(f"trial {trial}: kill {'job' if trial % 2 else 'driver'} at >= {at} samples + {jitter} s: "
+                  f"{result}")
+            if trial == 1:
+                record["planted"] = plant_unrecorded_shard(cache)
+            if trial == 2:
+                record["damaged"] = damage_shards(cache)
+                record["verify"] = verify(cache, repair=False)
+                record["repair"] = verify(cache, repair=True)
+        if not no_mount:  # the disk fills up: room for about one more shard
+            resize(disk, used_bytes(disk) + 600_000)
+            full = subprocess.run(command, capture_output=True, text=True, timeout=900)
+            record["disk_full"] = {"rc": full.returncode, "stderr_tail": full.stderr[-3000:],
+                                   "committed": committed_samples(cache), "verify": verify(cache, repair=False)}
+            print(f"disk full: rc {full.returncode}, {full.stderr.strip().splitlines()[-1]!r}")
+            resize(disk, 256 << 20)
+        final = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        record["final"] = {"rc": final.returncode, "stderr_tail": final.stderr[-3000:]}
+        record["equal"] = compare(open_cache(tiny_cache), open_cache(cache)) if final.returncode == 0 else None
+        print(f"final run: rc {final.returncode}; equal to the uninterrupted cache: {record['equal']}")
+        if os.environ.get("EAGLECACHE_FAULT_REPORT"):
+            Path(os.environ["EAGLECACHE_FAULT_REPORT"]).write_text(json.dumps(record, indent=1, default=str))
+        yield record
+
+
+def second_job(command: list[str], cache: Path, first: subprocess.Popen) -> dict:
+    """Start the same job again (in this process) while the first holds the part."""
+    from eaglecache.cli import main
+
+    deadline = time.monotonic() + 300
+    while lock_is_free(cache) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    before = committed_samples(cache)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(command[3:])
+    return {"rc": rc, "stderr": err.getvalue(), "first_alive": first.poll() is None, "committed_before": before}
+
+
+def compare(reference, cache) -> bool:
+    """Every sample's four arrays identical, bit for bit."""
+    assert np.array_equal(reference.sample_ids, cache.sample_ids)
+    for sample_id in reference.sample_ids:
+        a, b = reference.read(sample_id), cache.read(sample_id)
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.loss_mask, b.loss_mask), sample_id
+        assert torch.equal(a.aux.view(torch.int16), b.aux.view(torch.int16)), f"sample {sample_id} aux"
+        assert torch.equal(a.final.view(torch.int16), b.final.view(torch.int16)), f"sample {sample_id} final"
+    return True
+
+
+def test_sigkill_at_random_points_then_restart_gives_the_uninterrupted_cache(scenario):
+    kills = [t for t in scenario["trials"] if not t["finished_first"]]
+    assert len(kills) >= min(TRIALS, 5), scenario["trials"]
+    assert all(t["rc"] == -signal.SIGKILL for t in kills)
+    assert any(t["committed_at_kill"] > 0 for t in kills)  # killed mid-run, not only during start-up
+    assert scenario["final"]["rc"] == 0, scenario["final"]["stderr_tail"]
+    assert scenario["equal"] is True
+
+
+def test_a_killed_job_leaves_no_process_and_no_lock_behind(scenario):
+    for trial in scenario["trials"]:
+        if not trial["finished_first"]:
+            assert trial["lock_freed"] and trial["survivors"] == [], trial
+
+
+def test_a_second_job_on_a_running_part_fails_with_one_line(scenario):
+    second = scenario["second_job"]
+    assert second["first_alive"], "the first job ended before the second started"
+    assert second["rc"] == 2
+    last = second["stderr"].strip().splitlines()[-1]
+    assert last.startswith("error: ") and "is being written by another precompute job" in last, second["stderr"]
+    assert "Traceback" not in second["stderr"]
+
+
+def test_verify_names_every_damaged_shard_and_repair_requeues_them(scenario):
+    rc, out = scenario["verify"]
+    assert rc == 1
+    for path, how in scenario["damaged"].items():
+        assert f"DAMAGED {path}" in out, (how, out)
+    assert out.count("DAMAGED") == len(scenario["damaged"])
+    rc, out = scenario["repair"]
+    assert rc == 1 and "re-queued" in out
+    # the restored cache equal to the original is the first test's final comparison
+
+
+def test_disk_full_is_one_line_and_what_was_committed_stays_valid(scenario):
+    if scenario["no_mount"]:
+        pytest.skip(scenario["no_mount"])
+    full = scenario["disk_full"]
+    assert full["rc"] == 2, full["stderr_tail"]
+    last = full["stderr_tail"].strip().splitlines()[-1]
+    assert last.startswith("error: disk full writing ") and "bytes" in last and "free" in last, full["stderr_tail"]
+    assert "Traceback" not in full["stderr_tail"]
+    assert full["committed"] > 0 and full["verify"][0] == 0, full["verify"][1]
