@@ -7,6 +7,13 @@ writes it after every rank has finished writing, so a run killed mid-save leaves
 an uncommitted directory that resume ignores and the next save removes. The last
 ``keep_checkpoints`` committed ones are kept.
 
+COMMIT also records the size and CRC-32 of every file of the checkpoint (read
+back and fsynced by rank 0 before COMMIT is written). Resume takes the newest
+committed checkpoint whose files still match and warns about every newer one
+it skips, naming it and what is wrong. A save that fills the disk removes its
+partial directory and stops the run with one line naming the path, the bytes a
+checkpoint needs and those free; the checkpoints committed before stay valid.
+
 ``final/`` holds ``model.safetensors`` (16-bit weights gathered from ZeRO-3
 partitions, vLLM's names, trainable tensors only, plus d2t/t2d for a reduced
 vocab) and ``draft.json`` (the architecture export needs). It is written to a
@@ -15,13 +22,16 @@ temporary directory and renamed into place.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import shutil
 import signal
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +45,8 @@ COMMIT = "COMMIT"
 # Test hook: the process SIGKILLs itself right after committing this step (a real, unclean death).
 KILL_AFTER_CHECKPOINT_ENV = "EAGLECACHE_KILL_AFTER_CHECKPOINT"
 
+log = logging.getLogger(__name__)
+
 
 def tag_of(step: int) -> str:
     return f"step-{step:07d}"
@@ -42,7 +54,10 @@ def tag_of(step: int) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -115,13 +130,22 @@ def save_checkpoint(engine, loader, run_dir: Path, step: int, keep: int) -> Path
     if rank == 0 and (root / tag).exists():  # an uncommitted leftover of a killed run
         shutil.rmtree(root / tag)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"loader": loader.state_dict(), "step": step},
-                           save_latest=False)
-    torch.save(_rng_state(), root / tag / f"rng-rank-{rank}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"loader": loader.state_dict(), "step": step},
+                               save_latest=False)
+        torch.save(_rng_state(), root / tag / f"rng-rank-{rank}.pt")
+    except (OSError, RuntimeError) as exc:
+        _raise_if_disk_full(exc, run_dir, root / tag, engine)
+        raise
     _barrier()
     if rank == 0:
-        write_json_atomic(root / tag / COMMIT, {"step": step, "time": time.time(),
-                                                "world_size": torch.distributed.get_world_size()})
+        try:
+            files = _file_checksums(root / tag)
+            write_json_atomic(root / tag / COMMIT, {"step": step, "time": time.time(), "files": files,
+                                                    "world_size": torch.distributed.get_world_size()})
+        except OSError as exc:
+            _raise_if_disk_full(exc, run_dir, root / tag, engine)
+            raise
         for old in committed_steps(run_dir)[:-keep]:
             shutil.rmtree(root / tag_of(old), ignore_errors=True)
         for stale in root.glob("step-*"):
@@ -133,12 +157,88 @@ def save_checkpoint(engine, loader, run_dir: Path, step: int, keep: int) -> Path
     return root / tag
 
 
-def load_checkpoint(engine, loader, run_dir: Path) -> int:
-    """Resume from the newest committed checkpoint; returns its step (0 when there is none)."""
+def _file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, crc32}} of every file, each fsynced: COMMIT vouches for bytes on disk."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        crc = 0
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                crc = zlib.crc32(block, crc)
+            os.fsync(f.fileno())
+        files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "crc32": f"{crc:08x}"}
+    return files
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """What is wrong with a committed checkpoint (None when its files match COMMIT)."""
+    try:
+        files = json.loads((path / COMMIT).read_text()).get("files")
+    except (OSError, ValueError) as exc:
+        return f"unreadable {COMMIT} ({exc.__class__.__name__})"
+    if files is None:
+        return None  # written before checksums were recorded: trusted as before
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want["size"]:
+            return f"{name} has {file.stat().st_size} bytes, {want['size']} were written"
+        crc = 0
+        with open(file, "rb") as f:
+            while block := f.read(16 << 20):
+                crc = zlib.crc32(block, crc)
+        if f"{crc:08x}" != want["crc32"]:
+            return f"{name} fails its checksum"
+    return None
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _raise_if_disk_full(exc: BaseException, run_dir: Path, path: Path, engine) -> None:
+    """One line for a full disk (torch.save reports it as a RuntimeError without errno), after removing
+    the partial checkpoint; any other error is left to the caller."""
+    free = shutil.disk_usage(run_dir).free
     steps = committed_steps(run_dir)
-    if not steps:
+    if steps:
+        needed = _dir_size(run_dir / "checkpoints" / tag_of(steps[-1]))
+    else:  # bf16 weights + fp32 master weights and two Adam moments of what trains, bf16 of the rest
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions hide the size)
+        needed = sum(numel(p) * (14 if p.requires_grad else 2) for p in engine.module.parameters())
+    disk_full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) \
+        or "No space left" in str(exc) or "file write failed" in str(exc) or free < needed
+    if not disk_full:
+        return
+    shutil.rmtree(path, ignore_errors=True)  # uncommitted anyway; its space is what the next try needs
+    kept = f"checkpoint {tag_of(steps[-1])} is intact" if steps else "no checkpoint was committed before"
+    raise UserError(f"disk full writing checkpoint {path}: it needs about {needed:,} bytes and "
+                    f"{shutil.disk_usage(run_dir).free:,} are free; {kept}; free space and rerun the same "
+                    "command to resume") from None
+
+
+def _choose_checkpoint(run_dir: Path) -> int:
+    """Rank 0: the newest committed step whose files match COMMIT, warning about each newer one; 0 if none."""
+    for step in reversed(committed_steps(run_dir)):
+        path = run_dir / "checkpoints" / tag_of(step)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return step
+        log.warning("checkpoint %s is damaged (%s): not resuming from it, trying the one before", path, problem)
+    return 0
+
+
+def load_checkpoint(engine, loader, run_dir: Path) -> int:
+    """Resume from the newest intact committed checkpoint; returns its step (0 when there is none)."""
+    chosen = [_choose_checkpoint(run_dir) if torch.distributed.get_rank() == 0 else 0]
+    if torch.distributed.get_world_size() > 1:  # every rank loads the same one
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    if not chosen[0]:
+        if committed_steps(run_dir):
+            log.warning("%s: no intact checkpoint is left; training starts from step 0", run_dir)
         return 0
-    tag = tag_of(steps[-1])
+    tag = tag_of(chosen[0])
     root = run_dir / "checkpoints"
     saved_world = json.loads((root / tag / COMMIT).read_text()).get("world_size")
     world = torch.distributed.get_world_size()

@@ -1,0 +1,134 @@
+"""Training under faults resumes to the uninterrupted run's exact weights.
+
+A damaged newest checkpoint (flipped byte) and a half-written one (no COMMIT) are
+skipped with a warning naming them; a checkpoint save that fills the disk (a small
+tmpfs) stops with one error naming the path and the bytes needed, keeps the
+checkpoint before it, and the run resumes once space is freed. In-process, world
+size 1 (the shared ``single_rank``), on random features of the tiny target's width;
+the SIGKILL-then-resume case through the launcher is in test_train_launcher.py.
+"""
+
+import json
+import logging
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from eaglecache.config import load_config
+from eaglecache.errors import UserError
+from eaglecache.precompute.reader import open_cache
+from eaglecache.train.checkpoint import COMMIT, _file_checksums, checkpoint_problem, committed_steps, tag_of
+from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, losses, write_feature_cache
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's torch.distributed calls
+RUN = TINY_RUN + ["train.keep_checkpoints=3"]  # steps 2, 4, 6 all kept; not part of the run's fingerprint
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_target):
+    path = tmp_path_factory.mktemp("faults-train") / "cache"
+    return open_cache(write_feature_cache(path, feature_samples(tiny_target, num=12), tiny_target))
+
+
+def train_into(run_dir, source, tiny_target, single_rank):
+    from eaglecache.train.main import train
+
+    rank, world, device = single_rank
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return train(load_config(None, RUN), run_dir, source, target_dir=tiny_target, rank=rank, world_size=world,
+                 device=device)
+
+
+@pytest.fixture(scope="module")
+def reference(source, tiny_target, single_rank, tmp_path_factory):
+    """The uninterrupted run: 6 steps, checkpoints at 2, 4 and 6."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train_into(run_dir, source, tiny_target, single_rank)
+    assert committed_steps(run_dir) == [2, 4, 6]
+    return run_dir
+
+
+def assert_same_run(run_dir, reference):
+    got, want = fp32_weights(run_dir), fp32_weights(reference)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert losses(run_dir) == losses(reference)
+
+
+def test_checkpoint_problem_names_a_flipped_truncated_or_missing_file(tmp_path):
+    files = {"a.pt": bytes(range(256)) * 40, "sub/b.pt": b"x" * 5000}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / COMMIT).write_text(json.dumps({"step": 2, "files": _file_checksums(tmp_path)}))
+    assert checkpoint_problem(tmp_path) is None
+    data = bytearray(files["a.pt"])
+    data[1234] ^= 1
+    (tmp_path / "a.pt").write_bytes(bytes(data))
+    assert checkpoint_problem(tmp_path) == "a.pt fails its checksum"
+    (tmp_path / "a.pt").write_bytes(files["a.pt"][:100])
+    assert "a.pt has 100 bytes" in checkpoint_problem(tmp_path)
+    (tmp_path / "a.pt").write_bytes(files["a.pt"])
+    (tmp_path / "sub" / "b.pt").unlink()
+    assert checkpoint_problem(tmp_path) == "sub/b.pt is missing"
+    (tmp_path / COMMIT).write_text("{half")
+    assert "unreadable COMMIT" in checkpoint_problem(tmp_path)
+
+
+def test_damaged_and_half_written_checkpoints_are_skipped_with_a_warning(reference, source, tiny_target,
+                                                                         single_rank, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "checkpoints" / tag_of(6) / COMMIT).unlink()  # killed while saving step 6
+    damaged = run_dir / "checkpoints" / tag_of(4)
+    victim = max((p for p in damaged.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern somewhere in the optimizer or model states
+    victim.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="eaglecache.train.checkpoint"):
+        train_into(run_dir, source, tiny_target, single_rank)
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and str(damaged) in warnings[0] and victim.name in warnings[0], warnings
+    assert_same_run(run_dir, reference)  # resumed from step 2, retrained 3..6 exactly
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs (unmounted afterwards); skips when this machine does not allow mounting one."""
+    root = tmp_path / "disk"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs not permitted: {mounted.stderr.strip()}")
+    yield root
+    subprocess.run(["umount", "-l", str(root)], capture_output=True)
+
+
+def resize(root, size_bytes):
+    subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(root)], check=True, capture_output=True)
+
+
+def test_disk_full_at_a_checkpoint_is_one_error_and_resume_after_freeing_space_is_exact(
+        reference, source, tiny_target, single_rank, small_disk):
+    checkpoint_bytes = sum(f.stat().st_size for f in (reference / "checkpoints" / tag_of(2)).rglob("*")
+                           if f.is_file())
+    resize(small_disk, int(checkpoint_bytes * 1.5) + (1 << 20))  # one checkpoint fits, the second does not
+    run_dir = small_disk / "run"
+    with pytest.raises(UserError) as error:
+        train_into(run_dir, source, tiny_target, single_rank)
+    message = str(error.value)
+    assert message.startswith(f"disk full writing checkpoint {run_dir / 'checkpoints' / tag_of(4)}: it needs about ")
+    assert "bytes" in message and "are free" in message and f"checkpoint {tag_of(2)} is intact" in message
+    assert "\n" not in message
+    assert committed_steps(run_dir) == [2] and not (run_dir / "checkpoints" / tag_of(4)).exists()
+    assert checkpoint_problem(run_dir / "checkpoints" / tag_of(2)) is None
+
+    resize(small_disk, 4 * checkpoint_bytes + (4 << 20))  # space freed: the same command resumes
+    train_into(run_dir, source, tiny_target, single_rank)
+    assert_same_run(run_dir, reference)
