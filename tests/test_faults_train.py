@@ -132,3 +132,29 @@ def test_disk_full_at_a_checkpoint_is_one_error_and_resume_after_freeing_space_i
     resize(small_disk, 4 * checkpoint_bytes + (4 << 20))  # space freed: the same command resumes
     train_into(run_dir, source, tiny_target, single_rank)
     assert_same_run(run_dir, reference)
+
+
+@pytest.mark.parametrize("overrides, change, message", [
+    ([], {"hidden_size": 999}, "does not match the features"),
+    ([], {"vocab_size": 7}, "does not match the features"),
+    (["train.draft.aux_layer_ids=[1,2,3]"], {}, "are not in the features"),
+])
+def test_features_that_do_not_fit_the_target_or_config_are_refused(source, tiny_target, overrides, change, message):
+    from eaglecache.train.main import build_draft
+
+    with pytest.raises(UserError, match=message):
+        build_draft(load_config(None, RUN + overrides), tiny_target, {**source.metadata, **change}, None,
+                    torch.float32)
+
+
+def test_resuming_a_run_on_other_features_is_refused(reference, source, tmp_path):
+    from eaglecache.train.checkpoint import run_fingerprint, write_run_json
+    from eaglecache.train.main import source_fingerprint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    other = {**source_fingerprint(source), "dataset_hash": "another data set"}
+    with pytest.raises(UserError, match="holds a run with another source"):
+        write_run_json(run_dir, source_fingerprint=other, world_size=1, total_steps=run["total_steps"],
+                       config_hash=run_fingerprint(load_config(None, RUN)))
