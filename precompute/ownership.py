@@ -9,10 +9,11 @@ The lock alone is not enough: vLLM's EngineCore and its worker (where the shard
 writer runs) are separate processes that outlive a SIGKILLed driver, keep
 writing the requests in flight and then idle forever on their memory. So the
 lock is also held by a watchdog process (it inherits the lock's file
-description) that the driver tells the PIDs of its engine processes; when the
-driver dies, the watchdog kills them, waits until they are gone, and only then
-exits and lets the lock go. A job restarted with the same command therefore
-never meets a writer of the previous one.
+description) that notes every process the driver starts from then on (the
+engine, during start-up too); when the driver dies, the watchdog kills them,
+waits until they are gone, and only then exits and lets the lock go. A job
+restarted with the same command therefore never meets a writer of the previous
+one.
 """
 
 from __future__ import annotations
@@ -30,15 +31,8 @@ from pathlib import Path
 from eaglecache.errors import UserError
 
 
-def _identity(pid: int) -> str:
-    """'pid create_time': a PID alone may be reused by another process after its owner died."""
-    import psutil
-
-    return f"{pid} {psutil.Process(pid).create_time():.6f}"
-
-
 class PartLock:
-    """Exclusive ownership of one part of a cache, for this process and the engine processes it adopts."""
+    """Exclusive ownership of one part of a cache, for this process and the processes it starts."""
 
     def __init__(self, cache_dir: str | Path, name: str):
         parts = Path(cache_dir) / "parts"
@@ -66,27 +60,14 @@ class PartLock:
         self._file = f
         # the watchdog shares the lock (same open file description) and lives on its stdin pipe
         self._watchdog = subprocess.Popen([sys.executable, "-m", __name__, str(f.fileno())], stdin=subprocess.PIPE,
-                                          pass_fds=(f.fileno(),), close_fds=True)
+                                          stdout=subprocess.PIPE, pass_fds=(f.fileno(),), close_fds=True)
+        if self._watchdog.stdout.read(1) != b"+":  # it has listed the processes that are not the job's
+            raise RuntimeError(f"the watchdog of {self.path} did not start")
         return self
 
-    def adopt_children(self) -> None:
-        """Hand the watchdog every process this one has started so far (the vLLM engine)."""
-        import psutil
-
-        skip = {self._watchdog.pid}
-        lines = []
-        for child in psutil.Process().children(recursive=True):
-            try:
-                if child.pid in skip or "resource_tracker" in " ".join(child.cmdline()):
-                    continue  # the tracker cleans shared memory up itself once its users are gone
-                lines.append(_identity(child.pid) + "\n")
-            except psutil.NoSuchProcess:
-                continue
-        self._watchdog.stdin.write("".join(lines).encode())
-        self._watchdog.stdin.flush()
-
     def release(self) -> None:
-        """Give the lock up; adopted processes still alive are killed first (call after the engine is shut)."""
+        """Give the lock up; processes the job started that still live are killed first (shut the engine
+        down before)."""
         if self._watchdog is not None:
             self._watchdog.stdin.close()
             self._watchdog.wait()
@@ -97,27 +78,50 @@ class PartLock:
 
 
 def _watch(lock_fd: int) -> None:
-    """The watchdog: hold the lock until stdin closes, then kill the adopted processes still alive."""
+    """The watchdog: note the driver's new descendants until stdin closes (released, or the driver died),
+    then kill those still alive, wait until they are gone and drop the lock."""
+    import select
+
     import psutil
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the job reaches us too: the driver decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    adopted = []
-    for line in sys.stdin:  # EOF when the driver releases the lock or dies
-        pid, created = line.split()
-        adopted.append((int(pid), float(created)))
-    alive = []
-    for pid, created in adopted:
+    driver = psutil.Process(os.getppid())
+    older = {p.pid for p in driver.children(recursive=True)}  # not the job's: an in-process caller's own
+    seen: dict[int, psutil.Process] = {}
+    os.write(sys.stdout.fileno(), b"+")
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], 0.2)
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            break
         try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE:
-                proc.kill()
-                alive.append(proc)
+            children = driver.children(recursive=True)
         except psutil.NoSuchProcess:
+            break
+        for proc in children:
+            if proc.pid in older or proc.pid in seen or proc.pid == os.getpid():
+                continue
+            try:
+                if "resource_tracker" in " ".join(proc.cmdline()):
+                    older.add(proc.pid)  # it cleans shared memory up itself once its users are gone
+                    continue
+            except psutil.Error:
+                continue
+            seen[proc.pid] = proc
+    victims = list(seen.values())
+    for proc in list(victims):  # and whatever they started after the driver's last look
+        try:
+            victims += proc.children(recursive=True)
+        except psutil.Error:
+            pass
+    for proc in victims:
+        try:
+            proc.kill()  # psutil checks the creation time: a reused PID is left alone
+        except psutil.Error:
             pass
     deadline = time.monotonic() + 60.0
-    while alive and time.monotonic() < deadline:  # a zombie no longer writes: count it as gone
-        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    while victims and time.monotonic() < deadline:  # a zombie no longer writes: count it as gone
+        victims = [p for p in victims if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.05)
     os.close(lock_fd)
 

@@ -153,7 +153,6 @@ def run_precompute(config, args, llm=None) -> int:
         drop_unlisted_shards(part_dir)
         if own_engine:
             llm = build_engine(config, target_path, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
-            lock.adopt_children()  # a SIGKILLed driver takes its engine (and writer) down with it
         with disk_full_is_user_error(part_dir, shard_bytes(metadata)):
             return _write_part(llm, config, args, dataset, metadata, num_tokens, part_index, num_parts,
                                engine_is_ours=own_engine)

@@ -227,7 +227,10 @@ def scenario(tiny_target, tiny_dataset, tiny_cache, tmp_path_factory):
 def second_job(command: list[str], cache: Path, first: subprocess.Popen) -> dict:
     """Start the same job again while the first holds the part (and before it is killed)."""
     deadline = time.monotonic() + 300
-    while lock_is_free(cache) and first.poll() is None and time.monotonic() < deadline:
+    lock = cache / "parts" / f"{PART}.lock"
+    # the owner writes its pid into the lock file once it holds it (probing with flock could race it)
+    while f'"pid": {first.pid},' not in (lock.read_text() if lock.exists() else "") and first.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
     before = committed_samples(cache)
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
