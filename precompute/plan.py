@@ -25,6 +25,21 @@ GB = 1e9
 TB = 1e12
 
 
+def measured_codec_ratio(cache_path: str) -> tuple[str, float]:
+    """(codec, raw bytes / bytes on disk) of an existing cache, from the sizes its parts recorded."""
+    from eaglecache.precompute.reader import open_cache
+
+    cache = open_cache(cache_path, allow_partial=True)
+    meta = cache.metadata
+    if not cache.total_tokens:
+        raise UserError(f"{cache_path}: no committed shard to measure")
+    num_layers = len(meta["aux_layer_ids"]) + 1
+    states = num_layers * meta["hidden_size"]
+    raw = 4 + 1 + (states + 4 * num_layers if meta["dtype"] == "fp8_e4m3" else 2 * states)
+    on_disk = sum(shard["nbytes"] for _, record in cache.parts for shard in record["shards"])
+    return meta["codec"], raw * cache.total_tokens / on_disk
+
+
 @dataclass(frozen=True)
 class StoragePlan:
     num_samples: int
@@ -89,12 +104,10 @@ def run_plan(config, args) -> int:
     aux_ids = config.precompute.aux_layer_ids or default_aux_layer_ids(num_layers)
     plan = StoragePlan(num_samples, num_tokens, hidden_size, len(aux_ids), config.precompute.shard_tokens,
                        config.precompute.fp8)
-    ratios, measured = dict(NOMINAL_CODEC_RATIOS), False
+    ratios, measured = dict(NOMINAL_CODEC_RATIOS), None
     if args.cache:
-        from eaglecache.precompute.store import measured_codec_ratio
-
-        ratios[config.precompute.codec] = measured_codec_ratio(args.cache)
-        measured = True
+        codec, ratios[codec] = measured_codec_ratio(args.cache)
+        measured = codec
 
     lines = [
         f"samples                {plan.num_samples:,}",
@@ -110,7 +123,7 @@ def run_plan(config, args) -> int:
         f"{'codec':<12}{'ratio':>8}{'on disk TB':>14}{'write GB/s':>12}{'read GB/s':>12}",
     ]
     for codec, ratio in ratios.items():
-        note = " (measured)" if measured and codec == config.precompute.codec else " (nominal)"
+        note = " (measured)" if codec == measured else " (nominal)"
         lines.append(
             f"{codec:<12}{ratio:>8.2f}{plan.bytes_on_disk(ratio) / TB:>14,.3f}"
             f"{plan.rate_bytes_per_s(args.precompute_tokens_per_s, ratio) / GB:>12.3f}"

@@ -44,3 +44,18 @@ def test_plan_warns_when_the_cache_will_not_fit(capsys, tmp_path):
 def test_plan_without_sizes_is_a_clear_error(capsys):
     assert main(["plan", "--hidden-size", "8", "--num-layers", "8"]) == 2
     assert "--num-samples" in capsys.readouterr().err
+
+
+def test_plan_measures_the_codec_ratio_on_a_real_cache(capsys, tiny_cache):
+    from eaglecache.precompute.reader import open_cache
+
+    assert main(["plan", "--num-samples", "1000", "--mean-tokens", "100", "--cache", str(tiny_cache)]) == 0
+    out = capsys.readouterr().out
+    cache = open_cache(tiny_cache)
+    meta = cache.metadata
+    raw = 4 + 1 + 2 * (len(meta["aux_layer_ids"]) + 1) * meta["hidden_size"]
+    on_disk = sum(f.stat().st_size for f in tiny_cache.glob("parts/*/shard-*.zarr/**/*") if f.is_file())
+    row = _row(out, meta["codec"])
+    assert row[-1] == "(measured)" and _row(out, "none")[-1] == "(nominal)"
+    assert float(row[1]) == round(raw * cache.total_tokens / on_disk, 2)
+    assert float(row[1]) > 1.0  # zstd does compress the states
