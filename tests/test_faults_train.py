@@ -3,15 +3,25 @@
 A damaged newest checkpoint (flipped byte) and a half-written one (no COMMIT) are
 skipped with a warning naming them; a checkpoint save that fills the disk (a small
 tmpfs) stops with one error naming the path and the bytes needed, keeps the
-checkpoint before it, and the run resumes once space is freed. In-process, world
-size 1 (the shared ``single_rank``), on random features of the tiny target's width;
-the SIGKILL-then-resume case through the launcher is in test_train_launcher.py.
+checkpoint before it, and the run resumes once space is freed; a run SIGKILLed at
+two random points (seeded, printed: mid-step or mid-save) and restarted ends with
+the same weights and metrics. World size 1, on random features of the tiny
+target's width: in-process (the shared ``single_rank``) except the killed runs,
+which are ``python -m eaglecache.train.main`` subprocesses like their reference.
+SIGKILL right after a checkpoint through the launcher is in test_train_launcher.py.
 """
 
 import json
 import logging
+import os
+import random
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +168,57 @@ def test_resuming_a_run_on_other_features_is_refused(reference, source, tmp_path
     with pytest.raises(UserError, match="holds a run with another source"):
         write_run_json(run_dir, source_fingerprint=other, world_size=1, total_steps=run["total_steps"],
                        config_hash=run_fingerprint(load_config(None, RUN)))
+
+
+def start_training(run_dir, cache, log):
+    """One rank of `python -m eaglecache.train.main` on its own (what the launcher starts per rank)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "eaglecache.train.main", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+           "--cache", str(cache), *RUN]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parent.parent, env=env)
+
+
+def last_logged_step(run_dir, since: float) -> int:
+    """The last step in metrics.jsonl once this run has written it (a resumed run first drops what the
+    killed one logged after its checkpoint), else 0."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        if path.stat().st_mtime < since:
+            return 0
+        lines = path.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_at_random_steps_then_restart_gives_the_same_weights(source, tmp_path):
+    seed = int(os.environ.get("EAGLECACHE_FAULT_SEED", "7"))
+    rng = random.Random(seed)
+    first = rng.randint(1, 3)
+    points = [(first, round(rng.uniform(0, 0.1), 3)), (rng.randint(first + 1, 5), round(rng.uniform(0, 0.1), 3))]
+    print(f"\ntraining kill points (seed {seed}): after step N is logged + jitter s: {points}")
+    reference = tmp_path / "reference"
+    assert start_training(reference, source.path, tmp_path / "reference.log").wait(timeout=600) == 0, \
+        (tmp_path / "reference.log").read_text()[-3000:]
+    run_dir = tmp_path / "killed"
+    for i, (step, jitter) in enumerate(points):
+        started = time.time()
+        proc = start_training(run_dir, source.path, tmp_path / f"killed-{i}.log")
+        deadline = time.monotonic() + 600
+        while last_logged_step(run_dir, started) < step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(jitter)
+        assert proc.poll() is None, f"the run ended before its kill point {step}"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        print(f"killed after step {last_logged_step(run_dir, started)} was logged; "
+              f"committed checkpoints {committed_steps(run_dir)}")
+    assert not (run_dir / "final").exists()
+    final = start_training(run_dir, source.path, tmp_path / "final.log")
+    assert final.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert_same_run(run_dir, reference)
