@@ -248,29 +248,37 @@ def disk_full_is_user_error(part_dir: Path, needed: int):
     """Turn ENOSPC into one line: where, how many bytes one shard needs, what is free, what is kept."""
     try:
         yield
+    except UserError:
+        raise
     except Exception as exc:
         where = part_dir if part_dir.exists() else part_dir.parent.parent
         free = shutil.disk_usage(where).free
         # the writer's error may reach us only as a dead engine: then less room than a shard tells
         if not (_is_disk_full(exc) or free < needed):
             raise
-        committed = _listed_shards(part_dir)
+        committed = _listed_shards(part_dir) or ()
         raise UserError(f"disk full writing {where}: a shard needs up to {needed:,} bytes and {free:,} are free "
                         f"there; the {len(committed)} shards committed before are intact; free space and rerun "
                         "the same command to resume") from None
 
 
-def _listed_shards(part_dir: Path) -> set[str]:
-    try:
-        return {s["name"] for s in json.loads((part_dir / "part.json").read_text())["shards"]}
-    except (OSError, ValueError, KeyError):
+def _listed_shards(part_dir: Path) -> set[str] | None:
+    """Names of the shards part.json lists (empty when there is none yet); None when it is unreadable."""
+    path = part_dir / "part.json"
+    if not path.exists():
         return set()
+    try:
+        return {s["name"] for s in json.loads(path.read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def drop_unlisted_shards(part_dir: Path) -> None:
     """Remove shard directories that part.json does not list: a job killed after renaming a shard into
     place but before recording it leaves one, and its name is the next shard's. Call with the lock held."""
     listed = _listed_shards(part_dir)
+    if listed is None:
+        return  # an unreadable manifest: the writer refuses the part, and nothing here is ours to judge
     for path in sorted(part_dir.glob("shard-*.zarr")):
         if path.name not in listed:
             log.warning("%s: removing %s, written by a killed run but never recorded", part_dir, path.name)
