@@ -157,17 +157,20 @@ def save_checkpoint(engine, loader, run_dir: Path, step: int, keep: int) -> Path
     return root / tag
 
 
+def _crc32(path: Path, fsync: bool = False) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            crc = zlib.crc32(block, crc)
+        if fsync:
+            os.fsync(f.fileno())
+    return f"{crc:08x}"
+
+
 def _file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, crc32}} of every file, each fsynced: COMMIT vouches for bytes on disk."""
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        crc = 0
-        with open(path, "rb") as f:
-            while block := f.read(16 << 20):
-                crc = zlib.crc32(block, crc)
-            os.fsync(f.fileno())
-        files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "crc32": f"{crc:08x}"}
-    return files
+    return {str(path.relative_to(directory)): {"size": path.stat().st_size, "crc32": _crc32(path, fsync=True)}
+            for path in sorted(p for p in directory.rglob("*") if p.is_file())}
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:
@@ -184,11 +187,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
             return f"{name} is missing"
         if file.stat().st_size != want["size"]:
             return f"{name} has {file.stat().st_size} bytes, {want['size']} were written"
-        crc = 0
-        with open(file, "rb") as f:
-            while block := f.read(16 << 20):
-                crc = zlib.crc32(block, crc)
-        if f"{crc:08x}" != want["crc32"]:
+        if _crc32(file) != want["crc32"]:
             return f"{name} fails its checksum"
     return None
 
@@ -204,9 +203,10 @@ def _raise_if_disk_full(exc: BaseException, run_dir: Path, path: Path, engine) -
     steps = committed_steps(run_dir)
     if steps:
         needed = _dir_size(run_dir / "checkpoints" / tag_of(steps[-1]))
-    else:  # bf16 weights + fp32 master weights and two Adam moments of what trains, bf16 of the rest
-        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions hide the size)
-        needed = sum(numel(p) * (14 if p.requires_grad else 2) for p in engine.module.parameters())
+    else:  # bf16 weights + fp32 master weights and two Adam moments of what trains, bf16 of the rest;
+        # ZeRO-3 leaves a partition in .data, the full size in ds_numel
+        needed = sum(getattr(p, "ds_numel", p.numel()) * (14 if p.requires_grad else 2)
+                     for p in engine.module.parameters())
     disk_full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) \
         or "No space left" in str(exc) or "file write failed" in str(exc) or free < needed
     if not disk_full:
