@@ -35,6 +35,7 @@ class Report:
         self.tokens = 0
         self.loss_tokens = 0
         self.truncated = 0
+        self.exact_answers = self.retokenized_answers = 0
         self.dropped: Counter[str] = Counter()
         self.file_problems: list[str] = []
         self.first_problem: dict[str, str] = {}
@@ -51,6 +52,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"records_in": self.records_in, "records_out": self.records_out, "tokens": self.tokens,
                 "loss_tokens": self.loss_tokens, "truncated": self.truncated,
+                "answers_with_generated_ids": self.exact_answers, "answers_retokenized": self.retokenized_answers,
                 "dropped": dict(sorted(self.dropped.items())), "file_problems": self.file_problems,
                 "first_problem": self.first_problem}
 
@@ -107,6 +109,7 @@ def _rows(inputs, template: ChatTemplate, config: DataConfig, report: Report, pr
             report.loss_tokens += num_loss
             yield {"input_ids": ids, "loss_mask": mask, "source": conv.source,
                    "record_index": conv.record_index, "content_hash": conv.content_hash}
+        report.exact_answers, report.retokenized_answers = template.exact_answers, template.retokenized_answers
         progress.update(len(batch))
         progress.set_postfix(out=report.records_out, dropped=sum(report.dropped.values()), refresh=False)
     if report.records_out == 0:
@@ -138,6 +141,9 @@ def format_report(report: dict) -> str:
     """The end-of-run summary of a report dict (as stored in dataset.json)."""
     lines = [f"records in {report['records_in']:,}, out {report['records_out']:,}; tokens {report['tokens']:,}, "
              f"loss-masked {report['loss_tokens']:,}; truncated {report['truncated']:,}"]
+    if report.get("answers_with_generated_ids") or report.get("answers_retokenized"):
+        lines.append(f"  answers in the target's generated tokens: {report['answers_with_generated_ids']:,}; "
+                     f"re-tokenized (text no longer matches its ids): {report['answers_retokenized']:,}")
     for reason, count in report["dropped"].items():
         lines.append(f"  dropped {reason}: {count:,} (first: {report['first_problem'][reason]})")
     lines += [f"  file problem: {p}" for p in report["file_problems"]]

@@ -5,7 +5,10 @@ own answers to turns 0..k-1, rendered by the target's chat template with its gen
 (so thinking blocks and tool-call syntax come out in the model's own format), and turn k of every
 conversation in a chunk goes to vLLM in one ``generate`` call. The answer text is kept verbatim,
 special tokens included (reasoning markers survive); the stop token itself is not part of it, the
-template adds it back when prepare renders the conversation. Output is messages JSONL that
+template adds it back when prepare renders the conversation. Each answer also keeps the exact
+token ids the target generated (``token_ids``, stop token left out): a model often emits a text in
+other tokens than the tokenizer would split it into, and the draft must learn the target's own
+tokens, so prepare uses these ids instead of re-tokenizing the text. Output is messages JSONL that
 prepare reads, written to a temp file and renamed into place, with ``<output>.json`` beside it
 recording the config, input and target hashes and the report.
 
@@ -132,7 +135,10 @@ def regenerate_chunk(llm, template: ChatTemplate, config, jobs: list[_Job], stat
         for job, out in zip(active, outputs):
             completion = out.outputs[0]
             job.rest.pop(0)
-            job.done.append({"role": "assistant", "content": completion.text})
+            ids = list(completion.token_ids)
+            while ids and ids[-1] in template.end_of_turn_ids:
+                ids.pop()
+            job.done.append({"role": "assistant", "content": completion.text, "token_ids": ids})
             job.turns += 1
             stats.turns += 1
             stats.new_tokens += len(completion.token_ids)

@@ -81,10 +81,12 @@ def _check_text(value: Any, what: str) -> str:
 
 
 def normalize_messages(raw: Any) -> list[dict[str, str]]:
-    """OpenAI-style messages -> [{"role", "content"[, "reasoning_content"]}]; raises BadRecord.
+    """OpenAI-style messages -> [{"role", "content"[, "reasoning_content", "token_ids"]}]; raises BadRecord.
 
     Roles system/user/assistant (ShareGPT speaker names are mapped too); content must be a string.
-    An assistant ``reasoning_content`` string is kept so the model's template can render it.
+    An assistant ``reasoning_content`` string is kept so the model's template can render it, and
+    an assistant's ``token_ids`` (the ids the target generated, from `data regenerate`) so that
+    prepare can use them instead of re-tokenizing the content.
     """
     if not isinstance(raw, list):
         raise BadRecord(MALFORMED, f"messages is a {type(raw).__name__}, not a list")
@@ -102,6 +104,11 @@ def normalize_messages(raw: Any) -> list[dict[str, str]]:
         reasoning = message.get("reasoning_content")
         if role == "assistant" and reasoning is not None:
             out["reasoning_content"] = _check_text(reasoning, f"message {i} reasoning_content")
+        token_ids = message.get("token_ids")
+        if role == "assistant" and token_ids is not None:
+            if not isinstance(token_ids, list) or not all(isinstance(t, int) and t >= 0 for t in token_ids):
+                raise BadRecord(MALFORMED, f"message {i} token_ids is not a list of token ids")
+            out["token_ids"] = token_ids
         messages.append(out)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(NO_ASSISTANT, "no assistant turn")

@@ -54,6 +54,7 @@ class RenderError(ValueError):
 class Rendered:
     text: str
     spans: list[tuple[int, int]]  # character spans of assistant output the target produced
+    span_ids: list[list[int] | None] | None = None  # per span: the ids the target generated, if known
 
 
 def _eos_ids(target_path: Path, tokenizer) -> list[int]:
@@ -73,6 +74,7 @@ class ChatTemplate:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         self.target_path = Path(target_path)
+        self.exact_answers = self.retokenized_answers = 0  # answers with generated ids: kept / re-tokenized
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.target_path))
         except (OSError, ValueError) as exc:
@@ -120,6 +122,19 @@ class ChatTemplate:
 
     def render(self, messages: list[dict]) -> Rendered:
         """The conversation as text plus the character spans the loss mask covers."""
+        rendered = self._render_spans(messages)
+        answers = [m for m in messages if m["role"] == "assistant"]
+        if any("token_ids" in m for m in answers) and len(answers) == len(rendered.spans):
+            rendered.span_ids = []
+            for m in answers:
+                ids = m.get("token_ids")
+                if ids is not None and self.decode(ids) != m["content"]:  # edited after generation
+                    self.retokenized_answers += 1
+                    ids = None
+                rendered.span_ids.append(ids)
+        return rendered
+
+    def _render_spans(self, messages: list[dict]) -> Rendered:
         if self.has_generation_tags:
             text, spans = self._render(messages, spans=True)
             return Rendered(text, [(s, e) for s, e in spans if e > s])
@@ -142,22 +157,38 @@ class ChatTemplate:
 
         The text is cut at every span boundary and the pieces are tokenized separately, so no token
         straddles a boundary: the prompt before an answer tokenizes as the target's prompt does at
-        inference, and the masked tokens decode to exactly the span text.
+        inference, and the masked tokens decode to exactly the span text. An answer whose generated
+        ids are known (``span_ids``, which decode to its content) keeps them: its span is those ids,
+        then the tokens of what the template adds after the content (the end-of-turn token). Answers
+        whose ids do not decode to their content (edited after generation), or whose span does not
+        start with the content (a template that rewrites it), are tokenized and counted in
+        ``retokenized_answers``.
         """
-        pieces, flags, counts = [], [], []
+        pieces, flags, counts, given = [], [], [], {}
         for r in rendered:
             cuts = [0, *(c for span in r.spans for c in span), len(r.text)]
             n = 0
             for i in range(len(cuts) - 1):
-                if cuts[i + 1] > cuts[i]:
-                    pieces.append(r.text[cuts[i]:cuts[i + 1]])
-                    flags.append(i % 2)  # odd pieces are spans
-                    n += 1
+                if cuts[i + 1] <= cuts[i]:
+                    continue
+                piece = r.text[cuts[i]:cuts[i + 1]]
+                ids = r.span_ids[i // 2] if r.span_ids and i % 2 else None
+                if ids is not None:
+                    content = self.decode(ids)
+                    if piece.startswith(content):
+                        given[len(pieces)] = ids
+                        piece = piece[len(content):]
+                        self.exact_answers += 1
+                    else:
+                        self.retokenized_answers += 1
+                pieces.append(piece)
+                flags.append(i % 2)  # odd pieces are spans
+                n += 1
             counts.append(n)
         encodings = self.backend.encode_batch_fast(pieces, add_special_tokens=False)
         out, k = [], 0
         for n in counts:
-            ids = [np.array(e.ids, dtype=np.int32) for e in encodings[k:k + n]]
+            ids = [np.array(given.get(j, []) + encodings[j].ids, dtype=np.int32) for j in range(k, k + n)]
             mask = [np.full(len(a), f, dtype=np.uint8) for a, f in zip(ids, flags[k:k + n])]
             k += n
             out.append((np.concatenate(ids) if ids else np.zeros(0, np.int32),

@@ -253,3 +253,27 @@ def test_template_without_end_of_turn_token_masks_the_answer_without_trailing_sp
     assert template.method == "prefix_diff"
     assert _masked_runs(sample, template) == ["4, I think.", "Yes."]
     assert template.decode(ids) == template.render(messages).text
+
+
+def test_answers_keep_the_token_ids_the_target_generated(tmp_path, tiny_target, template):
+    """A model may emit a text in other tokens than its tokenizer would cut it into: those tokens are kept."""
+    canonical = template.tokenize(["Greetings, everyone"])[0]
+    i, word = next((i, template.decode([t])) for i, t in enumerate(canonical) if len(template.decode([t])) >= 3)
+    generated = canonical[:i] + template.tokenize([word[:1]])[0] + template.tokenize([word[1:]])[0] + canonical[i + 1:]
+    assert template.decode(generated) == "Greetings, everyone" and generated != canonical
+    records = [
+        {"messages": [{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "Greetings, everyone", "token_ids": generated}]},
+        {"messages": [{"role": "user", "content": "hello"},  # edited after generation: ids no longer match
+                      {"role": "assistant", "content": "Greetings, everyone", "token_ids": generated[:1]}]},
+    ]
+    path = tmp_path / "generated.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare_dataset([path], tmp_path / "ds", DataConfig(), tiny_target, show_progress=False)
+    samples = {s["record_index"]: s for s in open_dataset(tmp_path / "ds").iter_samples()}
+    eos = template.tokenizer.eos_token_id
+    for index, answer in ((0, generated), (1, canonical)):
+        ids, mask = samples[index]["input_ids"], samples[index]["loss_mask"].astype(bool)
+        assert ids[mask].tolist() == answer + [eos]
+    report = json.loads((tmp_path / "ds" / "dataset.json").read_text())["report"]
+    assert (report["answers_with_generated_ids"], report["answers_retokenized"]) == (1, 1)

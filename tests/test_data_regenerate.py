@@ -72,10 +72,11 @@ def test_answers_equal_vllm_chat_turn_by_turn(engine, regenerated, conversations
         for messages in outputs:
             answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             if k < len(answers):
-                prompts.append(messages[:answers[k]])
-                expected.append(messages[answers[k]]["content"])
-        got = [o.outputs[0].text for o in engine.chat(prompts, params, use_tqdm=False)]
-        assert got == expected
+                prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[:answers[k]]])
+                expected.append((messages[answers[k]]["content"], messages[answers[k]]["token_ids"]))
+        got = [(o.outputs[0].text, [t for t in o.outputs[0].token_ids if t != engine.get_tokenizer().eos_token_id])
+               for o in engine.chat(prompts, params, use_tqdm=False)]
+        assert got == expected  # the text and the very tokens the target generated
         compared += len(got)
     assert compared == report["turns_regenerated"] > len(records)
 
@@ -103,6 +104,12 @@ def test_prepare_reads_the_regenerated_file_and_masks_its_answers(tmp_path, rege
         edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
         runs = [template.decode(ids[a:b]) for a, b in zip(edges[::2], edges[1::2])]
         assert runs == [a + template.tokenizer.eos_token for a in answers]
+        generated = [m["token_ids"] for m in outputs[sample["record_index"]] if m["role"] == "assistant"]
+        assert [ids[a:b].tolist() for a, b in zip(edges[::2], edges[1::2])] == \
+            [g + [template.tokenizer.eos_token_id] for g in generated]  # the target's tokens, not a re-tokenization
+    report = json.loads((tmp_path / "ds" / "dataset.json").read_text())["report"]
+    assert report["answers_with_generated_ids"] == sum(m["role"] == "assistant" for o in outputs for m in o)
+    assert report["answers_retokenized"] == 0
 
 
 def test_limit_cli_and_atomic_output(tmp_path, engine, config, tiny_target, conversations, monkeypatch, capsys):
