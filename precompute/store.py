@@ -21,9 +21,11 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -248,6 +250,11 @@ class PartWriter:
     Opening an existing part resumes it: shards already in part.json stay, leftover
     temporary directories of a crashed run are removed, and ``committed`` lists the
     samples that need not be computed again.
+
+    A full shard is committed (encoded, written, fsynced, recorded) by a background thread
+    while ``add`` fills a second buffer, so the disk and the copies into the buffer overlap;
+    at most one shard is in flight, so host memory holds two shard buffers. An error of the
+    commit is raised by the next ``add``, ``flush`` or ``close``.
     """
 
     def __init__(self, cache_dir: str | Path, part_index: int, num_parts: int, metadata: dict[str, Any],
@@ -272,14 +279,18 @@ class PartWriter:
                            "sample_range": list(sample_range) if sample_range else None,
                            "complete": False, "shards": [], "skipped": []}
         self.committed = {sid for shard in self.record["shards"] for sid in shard["sample_ids"]}
-        self._buffer = ShardBuffer(self.num_aux, self.hidden_size, metadata["shard_tokens"])
+        self._record_lock = threading.Lock()  # the committer and ``skip`` both change the record
+        self._buffers = [ShardBuffer(self.num_aux, self.hidden_size, metadata["shard_tokens"])]
+        self._buffer = self._buffers[0]
+        self._committer: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
 
     @property
     def complete(self) -> bool:
         return bool(self.record["complete"])
 
     def add(self, sample_id: int, input_ids, loss_mask, aux, final) -> None:
-        """Queue one sample (aux bf16 [T, A, H], final bf16 [T, H]); writes a shard when one is full."""
+        """Queue one sample (aux bf16 [T, A, H], final bf16 [T, H]); commits a shard when one is full."""
         arrays = {"input_ids": np.asarray(input_ids, dtype=np.int32), "loss_mask": np.asarray(loss_mask, dtype=np.uint8),
                   "aux": bf16_bits(aux), "final": bf16_bits(final)}
         num_tokens = len(arrays["input_ids"])
@@ -289,36 +300,63 @@ class PartWriter:
             if arrays[name].shape != shape:
                 raise ValueError(f"sample {sample_id}: {name} has shape {arrays[name].shape}, expected {shape}")
         if self._buffer.num_tokens and self._buffer.num_tokens + num_tokens > self.metadata["shard_tokens"]:
-            self.flush()
+            self._submit()
         self._buffer.append(sample_id, arrays)
 
     def skip(self, sample_id: int, reason: str) -> None:
         """Record a sample that is not stored (e.g. NaN/Inf states); saved with the next commit."""
-        self.record["skipped"].append({"sample_id": int(sample_id), "reason": reason})
+        with self._record_lock:
+            self.record["skipped"].append({"sample_id": int(sample_id), "reason": reason})
 
-    def flush(self) -> dict[str, Any] | None:
-        """Write the buffered samples as one shard and record it in part.json."""
-        if not self._buffer.num_tokens:
-            self._save()
-            return None
-        # after `cache verify --repair` dropped a shard, its name may be reused only once it is gone
-        index = 1 + max((int(s["name"][len("shard-"):-len(".zarr")]) for s in self.record["shards"]), default=-1)
-        shard = write_shard(self.dir / shard_name(index), self._buffer.filled(), self._buffer.sample_ids,
-                            self._buffer.lengths, codec=self.metadata["codec"],
-                            codec_level=self.metadata["codec_level"], chunk_tokens=self.metadata["chunk_tokens"],
-                            fp8=self.fp8)
-        self.record["shards"].append(shard)
-        self.committed.update(self._buffer.sample_ids)
-        self._buffer.clear()
-        self._save()
-        return shard
+    def flush(self) -> None:
+        """Commit everything buffered and wait until it is in part.json."""
+        self._submit()
+        self._wait()
+        with self._record_lock:
+            self._save()  # also records samples skipped since the last commit
 
     def close(self, complete: bool = True) -> dict[str, Any]:
         """Commit what is buffered; mark the part complete (all its samples done) unless told otherwise."""
-        self.flush()
-        self.record["complete"] = complete
-        self._save()
+        try:
+            self.flush()
+        finally:
+            if self._committer is not None:
+                self._committer.shutdown(wait=True)
+                self._committer = None
+        with self._record_lock:
+            self.record["complete"] = complete
+            self._save()
         return self.record
+
+    def _submit(self) -> None:
+        """Hand the filled buffer to the committer and go on filling the other one."""
+        self._wait()  # one shard in flight: its buffer is the one we are about to reuse
+        if not self._buffer.num_tokens:
+            return
+        filled = self._buffer
+        if len(self._buffers) == 1:
+            self._buffers.append(ShardBuffer(self.num_aux, self.hidden_size, self.metadata["shard_tokens"]))
+        self._buffer = self._buffers[1] if filled is self._buffers[0] else self._buffers[0]
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
+        self._in_flight = self._committer.submit(self._commit, filled)
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()  # the committer's error, if any, is raised here
+
+    def _commit(self, buffer: ShardBuffer) -> None:
+        # after `cache verify --repair` dropped a shard, its name may be reused only once it is gone
+        index = 1 + max((int(s["name"][len("shard-"):-len(".zarr")]) for s in self.record["shards"]), default=-1)
+        shard = write_shard(self.dir / shard_name(index), buffer.filled(), buffer.sample_ids, buffer.lengths,
+                            codec=self.metadata["codec"], codec_level=self.metadata["codec_level"],
+                            chunk_tokens=self.metadata["chunk_tokens"], fp8=self.fp8)
+        with self._record_lock:
+            self.record["shards"].append(shard)
+            self.committed.update(buffer.sample_ids)
+            self._save()
+        buffer.clear()
 
     def _save(self) -> None:
         write_json_atomic(self.dir / PART_FILE, self.record, compact=True)  # long id lists

@@ -168,3 +168,34 @@ def test_refusals_are_one_line_user_errors(tmp_path):
     write_json_atomic(tmp_path / CACHE_FILE, doc)
     with pytest.raises(KeyError, match="not in the cache"):
         open_cache(tmp_path).read(7)
+
+
+def test_a_failed_background_commit_is_raised_and_keeps_the_shards_before_it(tmp_path, monkeypatch):
+    """Shards are committed by a background thread while the next one fills; its error reaches the caller."""
+    import errno
+
+    from eaglecache.precompute import store
+
+    samples = _samples(30, seed=5)
+    meta = _metadata(shard_tokens=100)
+    create_or_check_cache(tmp_path, meta)
+    real_write_shard, calls = store.write_shard, []
+
+    def write_shard_then_fill_the_disk(path, *args, **kwargs):
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_shard(path, *args, **kwargs)
+
+    monkeypatch.setattr(store, "write_shard", write_shard_then_fill_the_disk)
+    writer = PartWriter(tmp_path, 0, 1, meta)
+    with pytest.raises(OSError, match="No space left"):
+        for sid in range(30):
+            writer.add(sid, **samples[sid])
+        writer.close()
+    partial = open_cache(tmp_path, allow_partial=True)
+    committed = [int(s) for s in partial.sample_ids]
+    assert len(calls) == 3 and len(partial.shard_paths) == 2  # the two shards before the failure stay
+    assert committed == list(range(len(committed))) and 0 < len(committed) < 30
+    for sid in committed:
+        assert np.array_equal(partial.read(sid).final.view(torch.int16), samples[sid]["final"].view(torch.int16))
