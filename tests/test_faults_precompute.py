@@ -2,10 +2,11 @@
 
 One chained scenario (vLLM starts take most of the time, so the faults share runs):
 `eaglecache precompute` as a subprocess is SIGKILLed at >= 5 random points (seeded,
-printed) and restarted with the same command; on the way a second job is started on
-the running part, a shard renamed into place but never recorded is planted, shards
-are damaged (flipped byte, truncated file, deleted directory) and verified and
-repaired, and the disk fills up (a small tmpfs). The final cache must equal the
+printed; the whole job, and last the driver alone) and restarted with the same
+command; on the way a second job is started on the running part, a shard renamed
+into place but never recorded is planted, shards are damaged (flipped byte,
+truncated file, deleted directory) then verified and repaired, and the disk fills
+up (the cache moved onto a small tmpfs). The final cache must equal the
 session's uninterrupted ``tiny_cache`` sample by sample, byte for byte. The tests
 below each check one of those outcomes on the recorded scenario.
 
