@@ -153,8 +153,8 @@ class HiddenStatesWriterConnector(ExampleHiddenStatesConnector):
         if sink is not None:
             try:
                 sink.close(complete=False)
-            except Exception:
-                log.exception("closing the cache part at shutdown failed")
+            except Exception as exc:  # the writer's own failure again, already reported
+                log.error("closing the cache part at shutdown failed: %s", str(exc).splitlines()[0][:300])
         super().shutdown()
 
 

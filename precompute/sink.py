@@ -73,7 +73,10 @@ class StateSink:
                 if self._error is None:
                     self._write(item)
             except BaseException as exc:  # surfaced to the engine side by put/status/close
-                log.exception("writing sample %s failed", item.sample_id)
+                if isinstance(exc, OSError):  # disk full, I/O error: the driver turns it into one clear line
+                    log.error("writing sample %s failed: %s", item.sample_id, exc)
+                else:
+                    log.exception("writing sample %s failed", item.sample_id)
                 self._error = exc
             finally:
                 with self._cond:

@@ -12,6 +12,7 @@ that part recomputes exactly those samples.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,14 +118,23 @@ def run_verify(config, args) -> int:
         if problems:
             damaged.setdefault(part_dir, []).append(shard)
             tqdm.write(f"DAMAGED {path}: " + "; ".join(problems))
+    listed = {part_dir / shard["name"] for part_dir, _, shard in shards}
+    unlisted = [path for part_dir, _ in parts for path in sorted(part_dir.glob("shard-*.zarr"))
+                if path not in listed]  # a killed run renamed it into place but never recorded it
+    for path in unlisted:
+        print(f"UNLISTED {path}: shard data without a manifest entry (not read; the next precompute of "
+              "the part removes it, as does --repair)")
     done = {r["part_index"] for _, r in parts if r["complete"]}
     missing = [i for i in range(meta["num_parts"]) if i not in done]
     num_damaged = sum(len(v) for v in damaged.values())
-    print(f"{root}: {len(shards)} shards checked, {num_damaged} damaged"
+    print(f"{root}: {len(shards)} shards checked, {num_damaged} damaged, {len(unlisted)} unlisted"
           + (f"; parts {missing} missing or unfinished" if missing else ""))
-    if num_damaged and getattr(args, "repair", False):
-        _repair(parts, damaged)
-    return 1 if num_damaged else 0
+    if getattr(args, "repair", False):
+        if num_damaged:
+            _repair(parts, damaged)
+        for path in unlisted:
+            shutil.rmtree(path)
+    return 1 if num_damaged or unlisted else 0
 
 
 def _repair(parts, damaged: dict[Path, list[dict]]) -> None:

@@ -96,6 +96,24 @@ def test_verify_names_the_damaged_shard_and_repair_requeues_it(tmp_path, capsys)
     assert writer.committed == {int(s) for s in partial.sample_ids}
 
 
+def test_verify_names_shard_data_without_a_manifest_entry_and_repair_removes_it(tmp_path, capsys):
+    import shutil
+
+    _sink_cache(tmp_path, nan_samples=())
+    cache = open_cache(tmp_path)
+    stray = cache.shard_paths[0].with_name("shard-00099.zarr")  # renamed into place, never recorded
+    shutil.copytree(cache.shard_paths[0], stray)
+    args = argparse.Namespace(cache=str(tmp_path), repair=False)
+    assert run_verify(None, args) == 1
+    out = capsys.readouterr().out
+    assert f"UNLISTED {stray}" in out and "0 damaged, 1 unlisted" in out
+    assert list(open_cache(tmp_path).sample_ids) == list(cache.sample_ids)  # never read as data
+    args.repair = True
+    assert run_verify(None, args) == 1 and not stray.exists()
+    args.repair = False
+    assert run_verify(None, args) == 0
+
+
 def test_precompute_refuses_a_shard_index_outside_the_job_array(tmp_path, capsys):
     from eaglecache.cli import main
 
