@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--write-gb", type=float, default=2.0, help="GB per writer / dd measurement")
     parser.add_argument("--dir", help="scratch directory on the disk to measure (default: a temp dir)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. precompute.kv_cache_gib=0.25")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. target.kv_cache_gib=0.25")
     args = parser.parse_args()
 
     from eaglecache.config import load_config
@@ -170,7 +170,7 @@ def main() -> None:
     from eaglecache.target import resolve_target, target_config
 
     # shards of 1/8 of the data, so that writing overlaps the prefill as it does in a long run
-    config = load_config(None, ["precompute.kv_cache_gib=0.25", f"data.max_seq_length={max(args.tokens, 512)}",
+    config = load_config(None, ["target.kv_cache_gib=0.25", f"data.max_seq_length={max(args.tokens, 512)}",
                                 f"precompute.shard_tokens={max(args.samples * args.tokens // 8, 1)}",
                                 *args.overrides] + ([f"target.path={args.target}"] if args.target else []))
     target = resolve_target(config)

@@ -8,15 +8,11 @@ from eaglecache.section import Section
 
 
 class RegenerateConfig(Section):
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size for regeneration.")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off (ignored when greedy).")
     max_new_tokens: int = Field(256, ge=1, description="Token limit of each regenerated assistant turn.")
     seed: int = Field(0, description="Sampling seed, so sampled regeneration is reproducible.")
     batch_size: int = Field(256, ge=1, description="Conversations sent to vLLM per generate call.")
-    gpu_memory_utilization: float = Field(
-        0.2, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
-    )
 
 
 class DataConfig(Section):

@@ -43,14 +43,12 @@ def max_model_len(config) -> int:
 
 
 def make_engine(config, target_path: str | Path):
-    """The vLLM engine regeneration runs the target in (settings from config.data.regenerate)."""
-    import torch
+    """The vLLM engine regeneration runs the target in (config.target's vLLM settings)."""
     from vllm import LLM
 
     rc = config.data.regenerate
-    return LLM(model=str(target_path), dtype=config.target.dtype, tensor_parallel_size=rc.tensor_parallel_size,
-               gpu_memory_utilization=rc.gpu_memory_utilization, max_model_len=max_model_len(config),
-               seed=rc.seed, enforce_eager=not torch.cuda.is_available())
+    return LLM(model=str(target_path), max_model_len=max_model_len(config), seed=rc.seed,
+               **config.target.vllm_engine_args())
 
 
 def sampling_params(config, seed_offset: int, max_tokens: int):

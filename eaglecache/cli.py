@@ -45,7 +45,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
-        help="Dotted config overrides, e.g. train.lr=2e-4 precompute.tensor_parallel_size=4.",
+        help="Dotted config overrides, e.g. train.lr=2e-4 target.tensor_parallel_size=4.",
     )
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 from pydantic import Field, ValidationError
@@ -55,6 +55,33 @@ class TargetConfig(Section):
     max_model_len: Optional[int] = Field(
         None, description="Context length given to vLLM; null uses data.max_seq_length."
     )
+    # how vLLM runs the target, the same for every stage that starts it (regenerate, precompute, bench, serve)
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size of the target (GPUs per engine).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
+    )
+    kv_cache_gib: Optional[float] = Field(
+        None, gt=0.0, description="vLLM KV cache size in GiB; set, it replaces gpu_memory_utilization's sizing "
+        "(on CPU builds vLLM subtracts its own resident memory from that fraction, so a fixed size is steadier)."
+    )
+    enforce_eager: Optional[bool] = Field(
+        None, description="vLLM eager mode; null: eager on CPU (compiling there costs more than it saves), "
+        "compiled with CUDA graphs on GPU."
+    )
+
+    # memory sizing never changes what the target computes: artifacts do not record it
+    RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("gpu_memory_utilization", "kv_cache_gib")
+
+    def vllm_engine_args(self) -> dict[str, Any]:
+        """The `vllm.LLM` / `EngineArgs` arguments these settings stand for."""
+        import torch
+
+        eager = (not torch.cuda.is_available()) if self.enforce_eager is None else self.enforce_eager
+        args = {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": eager}
+        if self.kv_cache_gib is not None:
+            args["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        return args
 
 
 class Config(Section):

@@ -8,19 +8,10 @@ from eaglecache.section import Section
 
 
 class PrecomputeConfig(Section):
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size of the target.")
     aux_layer_ids: Optional[list[int]] = Field(
         None, description="Target layer ids whose outputs feed the draft; null uses vLLM's (2, L//2, L-3)."
     )
-    gpu_memory_utilization: float = Field(
-        0.2, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
-    )
     batch_size: int = Field(64, ge=1, description="Samples kept in flight in vLLM at once (requests).")
-    kv_cache_gib: Optional[float] = Field(
-        None, gt=0.0,
-        description="vLLM KV cache size in GiB; null sizes it from gpu_memory_utilization. On CPU builds "
-        "vLLM subtracts the process's resident memory from that fraction, so a fixed size is steadier.",
-    )
     max_pending_gib: int = Field(
         4, ge=1, description="GiB of extracted states that may wait for the writer before the engine is held back."
     )

@@ -77,8 +77,7 @@ def build_engine(config, target_path, *, aux_layer_ids: list[int] | None = None,
     import torch
     from vllm import LLM
 
-    pc = config.precompute
-    tp = pc.tensor_parallel_size
+    tp = config.target.tensor_parallel_size
     if not torch.cuda.is_available():
         if tp > 1:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
@@ -103,13 +102,10 @@ def build_engine(config, target_path, *, aux_layer_ids: list[int] | None = None,
         model=str(target_path),
         # prompts arrive as token ids and nothing is decoded, but vLLM's warm-up wants a tokenizer when there is one
         skip_tokenizer_init=not any((Path(target_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")),
-        dtype=config.target.dtype,
-        tensor_parallel_size=tp,
-        gpu_memory_utilization=pc.gpu_memory_utilization,
         max_model_len=max_model_len(config),
         enable_prefix_caching=False,
-        kv_cache_memory_bytes=int(pc.kv_cache_gib * (1 << 30)) if pc.kv_cache_gib else None,
         seed=0,
+        **config.target.vllm_engine_args(),
         **kwargs,
     )
 

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 LAYER_CONVENTION = "vllm: id k = residual stream after k decoder layers = HF hidden_states[k]"
 # precompute settings that change what is stored; the rest (memory, batching, which job) do not,
 # and the jobs of one cache must agree on cache.json
-CONTENT_KEYS = ("aux_layer_ids", "shard_tokens", "chunk_tokens", "codec", "codec_level", "fp8",
-                "tensor_parallel_size")
+CONTENT_KEYS = ("aux_layer_ids", "shard_tokens", "chunk_tokens", "codec", "codec_level", "fp8")
 
 
 def split_parts(num_tokens: np.ndarray, num_parts: int) -> list[tuple[int, int]]:
@@ -77,14 +76,14 @@ def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_p
         "dataset_hash": dataset.metadata.get("dataset_hash"),
         "dataset_num_samples": int(num_samples),
         "vllm_version": vllm.__version__,
-        "tensor_parallel_size": pc.tensor_parallel_size,
+        "tensor_parallel_size": config.target.tensor_parallel_size,
         "dtype": "fp8_e4m3" if pc.fp8 else "bfloat16",
         "codec": pc.codec,
         "codec_level": pc.codec_level,
         "chunk_tokens": pc.chunk_tokens,
         "shard_tokens": pc.shard_tokens,
         "num_parts": num_parts,
-        "config": {"target": config.target.model_dump(mode="json"),
+        "config": {"target": config.target.model_dump(mode="json", exclude=set(config.target.RUNTIME_ONLY)),
                    "precompute": {k: getattr(pc, k) for k in CONTENT_KEYS}},
     }
 

@@ -16,12 +16,6 @@ from eaglecache.errors import UserError
 from eaglecache.target import target_config
 
 
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def serving_max_model_len(config, target_dir: Path) -> int:
     """Context length of the served target: target.max_model_len, else the target's own limit."""
     if config.target.max_model_len:
@@ -36,19 +30,13 @@ def speculative_config(config, draft_dir: str | Path) -> dict[str, Any]:
 
 def engine_settings(config, target_dir: Path, draft_dir: str | Path | None) -> dict[str, Any]:
     """vLLM engine arguments (the names of `vllm.LLM` / `EngineArgs`) for the target and draft."""
-    serve = config.serve
     settings: dict[str, Any] = {
         "model": str(target_dir),
-        "dtype": config.target.dtype,
-        "tensor_parallel_size": serve.tensor_parallel_size,
+        **config.target.vllm_engine_args(),
         "max_model_len": serving_max_model_len(config, target_dir),
-        "gpu_memory_utilization": serve.gpu_memory_utilization,
-        "enforce_eager": (not on_gpu()) if serve.enforce_eager is None else serve.enforce_eager,
-        "seed": serve.seed,
+        "seed": config.serve.seed,
         "disable_log_stats": False,  # the spec-decode counters are stats
     }
-    if serve.kv_cache_gib is not None:
-        settings["kv_cache_memory_bytes"] = int(serve.kv_cache_gib * 2**30)
     if draft_dir is not None:
         settings["speculative_config"] = speculative_config(config, draft_dir)
     return settings

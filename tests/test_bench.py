@@ -18,7 +18,7 @@ from eaglecache.serve.metrics import SpecCounters, counters_from_prometheus
 from eaglecache.serve.prompts import load_prompt_set
 
 NUM_PROMPTS = 3
-SETTINGS = [f"serve.max_prompts={NUM_PROMPTS}", "serve.max_new_tokens=24", "serve.kv_cache_gib=0.25",
+SETTINGS = [f"serve.max_prompts={NUM_PROMPTS}", "serve.max_new_tokens=24", "target.kv_cache_gib=0.25",
             "serve.num_speculative_tokens=3"]
 
 

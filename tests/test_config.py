@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_default_config_loads_and_overrides_apply():
-    config = load_config(None, ["train.lr=2e-4", "precompute.tensor_parallel_size=4",
+    config = load_config(None, ["train.lr=2e-4", "target.tensor_parallel_size=4",
                                 "precompute.aux_layer_ids=[1,2,3]"])
     assert config.train.lr == 2e-4
-    assert config.precompute.tensor_parallel_size == 4
+    assert config.target.tensor_parallel_size == 4
     assert config.precompute.aux_layer_ids == [1, 2, 3]
     assert load_config(None).train.lr != 2e-4
 
@@ -29,7 +29,7 @@ def test_every_shipped_config_validates(path):
 
 def test_minimax_config_holds_the_seed_settings():
     config = load_config(REPO / "configs" / "minimax_m3" / "config.yaml")
-    assert config.precompute.tensor_parallel_size == 4
+    assert config.target.tensor_parallel_size == 4
     assert config.precompute.aux_layer_ids == [2, 30, 57]
     assert config.train.ttt_length == 7 and config.train.lr == 1e-4
     assert config.train.warmup_ratio == 0.02 and config.train.max_grad_norm == 1.0

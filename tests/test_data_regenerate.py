@@ -20,7 +20,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def config(tiny_target):
-    return load_config(None, [f"target.path={tiny_target}", "data.regenerate.gpu_memory_utilization=0.05",
+    return load_config(None, [f"target.path={tiny_target}", "target.gpu_memory_utilization=0.05",
                               f"data.regenerate.max_new_tokens={MAX_NEW}", "data.regenerate.batch_size=4"])
 
 
@@ -116,7 +116,7 @@ def test_limit_cli_and_atomic_output(tmp_path, engine, config, tiny_target, conv
     monkeypatch.setattr(regenerate, "make_engine", lambda config, path: engine)
     out = tmp_path / "three.jsonl"
     assert main(["data", "regenerate", "--input", str(conversations[0]), "--output", str(out), "--limit", "3",
-                 f"target.path={tiny_target}", "data.regenerate.gpu_memory_utilization=0.05",
+                 f"target.path={tiny_target}", "target.gpu_memory_utilization=0.05",
                  f"data.regenerate.max_new_tokens={MAX_NEW}"]) == 0
     assert len(out.read_text().splitlines()) == 3 and "conversations in 3, out 3" in capsys.readouterr().out
 

@@ -27,7 +27,7 @@ def test_job_script_dry_run_prints_a_valid_command(script):
     config = load_config(args.config, args.overrides)
     if args.command == "precompute":
         assert (args.shard_index, args.num_shards) == (5, 16)
-        assert config.precompute.tensor_parallel_size == 4
+        assert config.target.tensor_parallel_size == 4
     if args.command == "train":
         assert config.train.launcher.num_nodes == 4 and config.train.launcher.hostfile
     assert len(SCRIPTS) == 3

@@ -25,7 +25,7 @@ def setup(tiny_target, tmp_path_factory):
     from eaglecache.precompute.run import resolve_layers
     from eaglecache.target import chat_template_hash, target_config, tokenizer_hash
 
-    config = load_config(None, [f"target.path={tiny_target}", "precompute.kv_cache_gib=0.25",
+    config = load_config(None, [f"target.path={tiny_target}", "target.kv_cache_gib=0.25",
                                 "precompute.shard_tokens=1500", "precompute.chunk_tokens=64"])
     vocab = target_config(tiny_target)["vocab_size"]
     rng = np.random.default_rng(0)

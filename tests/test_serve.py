@@ -43,7 +43,7 @@ def server(tmp_path_factory, tiny_target):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "eaglecache.cli", "serve", "--draft", str(draft), "--port", str(port),
-         f"target.path={tiny_target}", "serve.kv_cache_gib=0.25"],
+         f"target.path={tiny_target}", "target.kv_cache_gib=0.25"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900  # engine start takes 30-60 s idle, minutes on a busy shared box
@@ -117,7 +117,7 @@ def test_sigterm_stops_the_server_and_its_children(server):
 
 def test_command_is_built_from_the_config(tmp_path, tiny_target):
     draft = build_untrained_draft(tiny_target, tmp_path / "draft", seed=0)
-    config = load_config(None, [f"target.path={tiny_target}", "serve.tensor_parallel_size=2",
+    config = load_config(None, [f"target.path={tiny_target}", "target.tensor_parallel_size=2",
                                 "target.max_model_len=1024", "serve.num_speculative_tokens=5"])
     command = serve_command(config, tiny_target, draft, "127.0.0.1", 8123)
     joined = " ".join(command)
