@@ -8,6 +8,7 @@ from eaglecache.section import Section
 
 
 class RegenerateConfig(Section):
+    tensor_parallel_size: Optional[int] = Field(None, ge=1, description="vLLM tensor parallel size for regeneration; null uses target.tensor_parallel_size.")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling cut-off (ignored when greedy).")
     max_new_tokens: int = Field(256, ge=1, description="Token limit of each regenerated assistant turn.")

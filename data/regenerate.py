@@ -48,7 +48,7 @@ def make_engine(config, target_path: str | Path):
 
     rc = config.data.regenerate
     return LLM(model=str(target_path), max_model_len=max_model_len(config), seed=rc.seed,
-               **config.target.vllm_engine_args())
+               **config.target.vllm_engine_args(rc.tensor_parallel_size))
 
 
 def sampling_params(config, seed_offset: int, max_tokens: int):

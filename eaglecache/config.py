@@ -56,7 +56,9 @@ class TargetConfig(Section):
         None, description="Context length given to vLLM; null uses data.max_seq_length."
     )
     # how vLLM runs the target, the same for every stage that starts it (regenerate, precompute, bench, serve)
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size of the target (GPUs per engine).")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallel size of the target (GPUs per engine); a stage may override it."
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="vLLM memory fraction (of host RAM on CPU builds)."
     )
@@ -72,12 +74,12 @@ class TargetConfig(Section):
     # memory sizing never changes what the target computes: artifacts do not record it
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("gpu_memory_utilization", "kv_cache_gib")
 
-    def vllm_engine_args(self) -> dict[str, Any]:
-        """The `vllm.LLM` / `EngineArgs` arguments these settings stand for."""
+    def vllm_engine_args(self, tensor_parallel_size: Optional[int] = None) -> dict[str, Any]:
+        """The `vllm.LLM` / `EngineArgs` arguments these settings stand for (a stage's TP size, if it sets one)."""
         import torch
 
         eager = (not torch.cuda.is_available()) if self.enforce_eager is None else self.enforce_eager
-        args = {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+        args = {"dtype": self.dtype, "tensor_parallel_size": tensor_parallel_size or self.tensor_parallel_size,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": eager}
         if self.kv_cache_gib is not None:
             args["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))

@@ -8,6 +8,7 @@ from eaglecache.section import Section
 
 
 class PrecomputeConfig(Section):
+    tensor_parallel_size: Optional[int] = Field(None, ge=1, description="vLLM tensor parallel size for precompute; null uses target.tensor_parallel_size.")
     aux_layer_ids: Optional[list[int]] = Field(
         None, description="Target layer ids whose outputs feed the draft; null uses vLLM's (2, L//2, L-3)."
     )

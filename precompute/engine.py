@@ -77,7 +77,7 @@ def build_engine(config, target_path, *, aux_layer_ids: list[int] | None = None,
     import torch
     from vllm import LLM
 
-    tp = config.target.tensor_parallel_size
+    tp = config.precompute.tensor_parallel_size or config.target.tensor_parallel_size
     if not torch.cuda.is_available():
         if tp > 1:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
@@ -105,7 +105,7 @@ def build_engine(config, target_path, *, aux_layer_ids: list[int] | None = None,
         max_model_len=max_model_len(config),
         enable_prefix_caching=False,
         seed=0,
-        **config.target.vllm_engine_args(),
+        **config.target.vllm_engine_args(tp),
         **kwargs,
     )
 

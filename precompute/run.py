@@ -76,7 +76,7 @@ def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_p
         "dataset_hash": dataset.metadata.get("dataset_hash"),
         "dataset_num_samples": int(num_samples),
         "vllm_version": vllm.__version__,
-        "tensor_parallel_size": config.target.tensor_parallel_size,
+        "tensor_parallel_size": pc.tensor_parallel_size or config.target.tensor_parallel_size,
         "dtype": "fp8_e4m3" if pc.fp8 else "bfloat16",
         "codec": pc.codec,
         "codec_level": pc.codec_level,

@@ -32,7 +32,7 @@ def engine_settings(config, target_dir: Path, draft_dir: str | Path | None) -> d
     """vLLM engine arguments (the names of `vllm.LLM` / `EngineArgs`) for the target and draft."""
     settings: dict[str, Any] = {
         "model": str(target_dir),
-        **config.target.vllm_engine_args(),
+        **config.target.vllm_engine_args(config.serve.tensor_parallel_size),
         "max_model_len": serving_max_model_len(config, target_dir),
         "seed": config.serve.seed,
         "disable_log_stats": False,  # the spec-decode counters are stats

@@ -19,6 +19,10 @@ def test_default_config_loads_and_overrides_apply():
     assert config.train.lr == 2e-4
     assert config.target.tensor_parallel_size == 4
     assert config.precompute.aux_layer_ids == [1, 2, 3]
+    # a stage may run the target with another TP size than the others (the seed's override)
+    staged = load_config(None, ["precompute.tensor_parallel_size=4"])
+    assert staged.target.vllm_engine_args(staged.precompute.tensor_parallel_size)["tensor_parallel_size"] == 4
+    assert staged.target.vllm_engine_args(staged.serve.tensor_parallel_size)["tensor_parallel_size"] == 1
     assert load_config(None).train.lr != 2e-4
 
 
