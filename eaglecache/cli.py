@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    # vLLM leaves shared memory to multiprocessing's resource tracker when a command stops on an
+    # error; the tracker (its own process, started later with this environment) would print a leak
+    # warning after our one error line
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     try:
         from eaglecache.config import load_config
 
