@@ -102,7 +102,9 @@ def _watch(lock_fd: int) -> None:
             if proc.pid in older or proc.pid in seen or proc.pid == os.getpid():
                 continue
             try:
-                if "resource_tracker" in " ".join(proc.cmdline()):
+                # the tracker runs `-c "from multiprocessing.resource_tracker import main; ..."`; a bare
+                # "resource_tracker" would also match every child started with `-W ...resource_tracker...`
+                if "from multiprocessing.resource_tracker import" in " ".join(proc.cmdline()):
                     older.add(proc.pid)  # it cleans shared memory up itself once its users are gone
                     continue
             except psutil.Error:

@@ -79,6 +79,18 @@ def session_survivors(sid: int) -> list[str]:
     return alive
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the job's session (the job was started with start_new_session)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid:
+                os.kill(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+
+
 def kill_when(proc: subprocess.Popen, cache: Path, at_samples: int, jitter_s: float, whole_job: bool,
               timeout_s: float = 600.0) -> dict:
     """SIGKILL the job once part.json lists >= ``at_samples`` samples plus ``jitter_s`` (mid-shard)."""
@@ -91,8 +103,8 @@ def kill_when(proc: subprocess.Popen, cache: Path, at_samples: int, jitter_s: fl
         time.sleep(0.02)
     time.sleep(jitter_s)
     before = committed_samples(cache)
-    if whole_job:  # what a scheduler does: the whole process tree at once
-        os.killpg(proc.pid, signal.SIGKILL)
+    if whole_job:  # what a scheduler does (Slurm kills the job's cgroup): every process of the job at once,
+        kill_session(proc.pid)  # vLLM's own process groups included, not just the driver's group
     else:  # `kill -9 PID` of the driver only: its vLLM processes must not outlive it
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
