@@ -237,7 +237,7 @@ class Eagle3Draft(nn.Module):
         self.lm_head.init_from_target()
 
     def forward(self, input_ids, loss_mask, aux, final):
-        """Shifted batch (train/loader.py) -> (loss, stats [ttt_length, 3]: ce sum, correct, count)."""
+        """Shifted batch (train/loader.py) -> (loss, stats [ttt_length, 5]) of train/ttt.py's ttt_loss."""
         from eaglecache.train.ttt import ttt_loss
 
         return ttt_loss(self, input_ids, loss_mask, aux, final, self.settings)
