@@ -54,7 +54,8 @@ class RenderError(ValueError):
 class Rendered:
     text: str
     spans: list[tuple[int, int]]  # character spans of assistant output the target produced
-    span_ids: list[list[int] | None] | None = None  # per span: the ids the target generated, if known
+    # per span: (the ids the target generated, the content they decode to), if known
+    span_ids: list[tuple[list[int], str] | None] | None = None
 
 
 def _eos_ids(target_path: Path, tokenizer) -> list[int]:
@@ -131,7 +132,7 @@ class ChatTemplate:
                 if ids is not None and self.decode(ids) != m["content"]:  # edited after generation
                     self.retokenized_answers += 1
                     ids = None
-                rendered.span_ids.append(ids)
+                rendered.span_ids.append(None if ids is None else (ids, m["content"]))
         return rendered
 
     def _render_spans(self, messages: list[dict]) -> Rendered:
@@ -172,9 +173,9 @@ class ChatTemplate:
                 if cuts[i + 1] <= cuts[i]:
                     continue
                 piece = r.text[cuts[i]:cuts[i + 1]]
-                ids = r.span_ids[i // 2] if r.span_ids and i % 2 else None
-                if ids is not None:
-                    content = self.decode(ids)
+                answer = r.span_ids[i // 2] if r.span_ids and i % 2 else None
+                if answer is not None:
+                    ids, content = answer
                     if piece.startswith(content):
                         given[len(pieces)] = ids
                         piece = piece[len(content):]

@@ -318,7 +318,8 @@ class PartWriter:
     def close(self, complete: bool = True) -> dict[str, Any]:
         """Commit what is buffered; mark the part complete (all its samples done) unless told otherwise."""
         try:
-            self.flush()
+            self._submit()
+            self._wait()
         finally:
             if self._committer is not None:
                 self._committer.shutdown(wait=True)
