@@ -12,7 +12,8 @@ manifest is complete. The layout is documented in precompute/FORMAT.md.
 Bits are kept exactly: bf16 states are stored as their uint16 bits (zarr has no
 bfloat16). Every array uses zarr's sharding codec with one shard per array
 (one file) and inner chunks of ``chunk_tokens`` tokens, so a read touches only
-the chunks of the sample it wants. Reading is precompute/reader.py.
+the chunks of the sample it wants; uncompressed arrays' shard files are written
+straight from the buffer (precompute/shardfile.py). Reading is precompute/reader.py.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import google_crc32c  # zarr's own dependency
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from eaglecache.errors import UserError
+from eaglecache.precompute.shardfile import direct_write_supported, write_shard_file
 
 FORMAT = "eaglecache.cache"
 PART_FORMAT = "eaglecache.cache.part"
@@ -83,9 +86,19 @@ def write_json_atomic(path: Path, obj: Any, compact: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def checksum(array: np.ndarray) -> str:
-    """CRC-32 of an array's C-order bytes: cheap (several GB/s) and enough to catch damaged bytes."""
-    return f"crc32:{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
+def checksum(array: np.ndarray, kind: str = "crc32c") -> str:
+    """``kind:xxxxxxxx``, the checksum of an array's C-order bytes: CRC-32C (hardware, ~14 GB/s here;
+    zarr's own dependency) for what we write; ``crc32`` (zlib, 4 GB/s) read back for older caches."""
+    if kind == "crc32":
+        return f"crc32:{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
+    if kind != "crc32c":
+        raise ValueError(f"unknown checksum kind {kind!r}")
+    return f"crc32c:{_crc32c(array):08x}"
+
+
+def _crc32c(array: np.ndarray, crc: int = 0) -> int:
+    """Running CRC-32C: ``_crc32c(b, _crc32c(a))`` is the CRC of ``a`` and ``b`` concatenated."""
+    return google_crc32c.extend(crc, np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 def bf16_bits(states: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -131,16 +144,19 @@ def _compressors(codec: str, level: int, itemsize: int):
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int], lengths: list[int], *,
-                codec: str, codec_level: int, chunk_tokens: int, fp8: bool) -> dict[str, Any]:
+                codec: str, codec_level: int, chunk_tokens: int, fp8: bool,
+                checksums: dict[str, str] | None = None) -> dict[str, Any]:
     """Write one shard of whole samples ONCE under a temporary name, then rename it to ``path``.
 
     ``arrays`` holds the samples' tokens concatenated: ``input_ids`` int32 [T],
     ``loss_mask`` uint8 [T], ``aux`` uint16 [T, A, H] and ``final`` uint16 [T, H]
-    (bf16 bits); sample i is the next ``lengths[i]`` tokens. Returns the record
-    that goes into part.json.
+    (bf16 bits); sample i is the next ``lengths[i]`` tokens. ``checksums`` may
+    already hold those arrays' checksums (taken as they were filled). Returns the
+    record that goes into part.json.
     """
-    arrays = dict(arrays)
+    arrays, checksums = dict(arrays), dict(checksums or {})
     if fp8:
+        checksums = {}  # of the arrays as stored
         for name in STATE_ARRAYS:
             arrays[name], arrays[f"{name}_scale"] = quantize_fp8(arrays[name])
     num_tokens = int(sum(lengths))
@@ -164,9 +180,13 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
             fill_value=0,
             chunk_key_encoding={"name": "default", "separator": "."},  # c.0.0.0: no nested dirs to fsync
         )
-        array[...] = data
+        if per_token and direct_write_supported(array):
+            write_shard_file(array, tmp, data)
+        else:
+            array[...] = data
     with _consolidated_metadata():
         zarr.consolidate_metadata(tmp)
+    checksums.update({name: checksum(data) for name, data in arrays.items() if name not in checksums})
     _fsync_tree(tmp)  # on disk before it is named: a listed shard survives a power loss too
     os.rename(tmp, path)
     _fsync_dir(path.parent)
@@ -176,7 +196,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
         "num_tokens": num_tokens,
         "sample_ids": [int(x) for x in sample_ids],
         "sample_num_tokens": [int(x) for x in lengths],
-        "checksums": {name: checksum(data) for name, data in arrays.items()},
+        "checksums": checksums,
         "shapes": {name: list(data.shape) for name, data in arrays.items()},
         "nbytes": _dir_size(path),
     }
@@ -206,6 +226,7 @@ class ShardBuffer:
         self.sample_ids: list[int] = []
         self.lengths: list[int] = []
         self.num_tokens = 0
+        self.crcs = dict.fromkeys(self.layout, 0)
 
     def append(self, sample_id: int, arrays: dict[str, np.ndarray]) -> None:
         start, stop = self.num_tokens, self.num_tokens + len(arrays["input_ids"])
@@ -213,12 +234,17 @@ class ShardBuffer:
             self._grow(stop)
         for name, data in arrays.items():
             self.arrays[name][start:stop] = data
+            # here rather than at commit: the filling thread is otherwise idle while the disk is busy
+            self.crcs[name] = _crc32c(self.arrays[name][start:stop], self.crcs[name])
         self.sample_ids.append(int(sample_id))
         self.lengths.append(stop - start)
         self.num_tokens = stop
 
     def filled(self) -> dict[str, np.ndarray]:
         return {name: data[: self.num_tokens] for name, data in self.arrays.items()}
+
+    def checksums(self) -> dict[str, str]:
+        return {name: f"crc32c:{crc:08x}" for name, crc in self.crcs.items()}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -352,7 +378,8 @@ class PartWriter:
         index = 1 + max((int(s["name"][len("shard-"):-len(".zarr")]) for s in self.record["shards"]), default=-1)
         shard = write_shard(self.dir / shard_name(index), buffer.filled(), buffer.sample_ids, buffer.lengths,
                             codec=self.metadata["codec"], codec_level=self.metadata["codec_level"],
-                            chunk_tokens=self.metadata["chunk_tokens"], fp8=self.fp8)
+                            chunk_tokens=self.metadata["chunk_tokens"], fp8=self.fp8,
+                            checksums=buffer.checksums())
         with self._record_lock:
             self.record["shards"].append(shard)
             self.committed.update(buffer.sample_ids)

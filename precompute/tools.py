@@ -2,7 +2,7 @@
 
 ``verify`` re-reads every shard listed in the part manifests and checks array
 shapes against the manifest and cache metadata, offsets against the per-sample
-token counts, the CRC-32 recorded at write time, and that no state is NaN/Inf.
+token counts, the CRC-32C recorded at write time, and that no state is NaN/Inf.
 Each damaged shard is named; the exit code is 1 when any is. With ``--repair``
 the damaged shards are dropped from their part's manifest (the directory is
 moved aside) and the part is marked unfinished, so the next precompute run of
@@ -90,8 +90,9 @@ def verify_shard(path: Path, shard: dict, meta: dict) -> list[str]:
         if data.shape != shape:
             problems.append(f"{name}: shape {data.shape}, expected {shape}")
             continue
-        if checksum(data) != shard["checksums"].get(name):
-            problems.append(f"{name}: checksum {checksum(data)} != {shard['checksums'].get(name)} recorded at write")
+        recorded = shard["checksums"].get(name, "crc32c:")
+        if (actual := checksum(data, recorded.split(":")[0])) != recorded:
+            problems.append(f"{name}: checksum {actual} != {recorded} recorded at write")
         if name in ("aux", "final", "aux_scale", "final_scale") and (bad := _nonfinite(name, data, fp8)):
             problems.append(f"{name}: {bad} NaN/Inf values")
         if name == "offsets" and not np.array_equal(np.diff(data), shard["sample_num_tokens"]):

@@ -6,10 +6,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from eaglecache.errors import UserError
 from eaglecache.precompute.reader import open_cache
-from eaglecache.precompute.store import CACHE_FILE, PartWriter, create_or_check_cache, write_json_atomic
+from eaglecache.precompute.store import CACHE_FILE, checksum, PartWriter, create_or_check_cache, write_json_atomic
 
 A, H = 3, 32
 
@@ -66,6 +67,17 @@ def test_round_trip_is_bit_exact_for_every_codec(tmp_path, codec):
         _assert_same(cache.read(sid), expected)
     cache = pickle.loads(pickle.dumps(cache))  # what a data-loader worker gets
     _assert_same(cache.read(5), samples[5])
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_recorded_checksums_are_those_of_the_stored_arrays(tmp_path, fp8):
+    record = _write(tmp_path, _samples(12), _metadata(codec="none", dtype="fp8_e4m3" if fp8 else "bfloat16"))
+    shard_dir = tmp_path / "parts" / "part-00000-of-00001"
+    for shard in record["shards"]:
+        group = zarr.open_group(shard_dir / shard["name"], mode="r")
+        assert set(shard["checksums"]) == set(group.array_keys())
+        for name, recorded in shard["checksums"].items():
+            assert recorded == checksum(group[name][...]), (shard["name"], name)
 
 
 def test_parts_written_by_independent_jobs_read_as_one_cache(tmp_path):
@@ -170,8 +182,7 @@ def test_refusals_are_one_line_user_errors(tmp_path):
         open_cache(tmp_path).read(7)
 
 
-def test_a_failed_background_commit_is_raised_and_keeps_the_shards_before_it(tmp_path, monkeypatch):
-    """Shards are committed by a background thread while the next one fills; its error reaches the caller."""
+def test_a_failed_commit_is_raised_and_keeps_the_shards_before_it(tmp_path, monkeypatch):
     import errno
 
     from eaglecache.precompute import store
