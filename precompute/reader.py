@@ -27,8 +27,9 @@ import zarr
 from eaglecache.errors import UserError
 from eaglecache.precompute.store import (
     CACHE_FILE, PART_FILE, PART_FORMAT, PARTS_DIR, STATE_ARRAYS, VERSION, _consolidated_metadata,
-    _read_cache_json, bits_to_bf16, dequantize_fp8, fingerprint, use_fast_codec_pipeline,
+    _read_cache_json, fingerprint, use_fast_codec_pipeline,
 )
+from eaglecache.precompute.bits import bits_to_bf16, dequantize_fp8
 
 
 @dataclass

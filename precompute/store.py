@@ -25,19 +25,17 @@ import shutil
 import threading
 import uuid
 import warnings
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import google_crc32c  # zarr's own dependency
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from eaglecache.errors import UserError
+from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, quantize_fp8
 from eaglecache.precompute.shardfile import direct_write_supported, write_shard_file
 
 FORMAT = "eaglecache.cache"
@@ -47,7 +45,6 @@ CACHE_FILE = "cache.json"
 PART_FILE = "part.json"
 PARTS_DIR = "parts"
 STATE_ARRAYS = ("aux", "final")
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
 
 def use_fast_codec_pipeline() -> bool:
@@ -84,50 +81,6 @@ def write_json_atomic(path: Path, obj: Any, compact: bool = False) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def checksum(array: np.ndarray, kind: str = "crc32c") -> str:
-    """``kind:xxxxxxxx``, the checksum of an array's C-order bytes: CRC-32C (hardware, ~14 GB/s here;
-    zarr's own dependency) for what we write; ``crc32`` (zlib, 4 GB/s) read back for older caches."""
-    if kind == "crc32":
-        return f"crc32:{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
-    if kind != "crc32c":
-        raise ValueError(f"unknown checksum kind {kind!r}")
-    return f"crc32c:{_crc32c(array):08x}"
-
-
-def _crc32c(array: np.ndarray, crc: int = 0) -> int:
-    """Running CRC-32C: ``_crc32c(b, _crc32c(a))`` is the CRC of ``a`` and ``b`` concatenated."""
-    return google_crc32c.extend(crc, np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-
-
-def bf16_bits(states: torch.Tensor | np.ndarray) -> np.ndarray:
-    """bf16 tensor (or its uint16 bits) -> uint16 numpy array of the same bits, no copy when possible."""
-    if isinstance(states, np.ndarray):
-        if states.dtype != np.uint16:
-            raise ValueError(f"expected uint16 bf16 bits, got {states.dtype}")
-        return states
-    if states.dtype != torch.bfloat16:
-        raise ValueError(f"expected a bfloat16 tensor, got {states.dtype}")
-    # strided views stay views: write_shard's concatenate makes the one copy
-    return states.detach().cpu().view(torch.int16).numpy().view(np.uint16)
-
-
-def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
-
-
-def quantize_fp8(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """LOSSY: bf16 bits [..., H] -> (e4m3 bits uint8 [..., H], float32 scale [...]) with one scale per row."""
-    x = bits_to_bf16(bits).float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
-    q = (x / scale).to(torch.float8_e4m3fn)
-    return q.view(torch.uint8).numpy(), scale.squeeze(-1).numpy()
-
-
-def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn).float()
-    return (x * torch.from_numpy(np.ascontiguousarray(scale)).unsqueeze(-1)).to(torch.bfloat16)
 
 
 def _compressors(codec: str, level: int, itemsize: int):
@@ -235,7 +188,7 @@ class ShardBuffer:
         for name, data in arrays.items():
             self.arrays[name][start:stop] = data
             # here rather than at commit: the filling thread is otherwise idle while the disk is busy
-            self.crcs[name] = _crc32c(self.arrays[name][start:stop], self.crcs[name])
+            self.crcs[name] = crc32c_extend(self.arrays[name][start:stop], self.crcs[name])
         self.sample_ids.append(int(sample_id))
         self.lengths.append(stop - start)
         self.num_tokens = stop

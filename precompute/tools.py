@@ -20,8 +20,9 @@ import numpy as np
 from eaglecache.errors import UserError
 from eaglecache.precompute.reader import open_cache, read_parts
 from eaglecache.precompute.store import (
-    CACHE_FILE, PART_FILE, _read_cache_json, checksum, use_fast_codec_pipeline, write_json_atomic,
+    CACHE_FILE, PART_FILE, _read_cache_json, use_fast_codec_pipeline, write_json_atomic,
 )
+from eaglecache.precompute.bits import checksum
 
 BF16_EXPONENT = 0x7F80  # all exponent bits set: Inf or NaN
 FP8_NAN = 0x7F  # e4m3fn has no Inf; NaN is S.1111.111

@@ -10,7 +10,8 @@ import zarr
 
 from eaglecache.errors import UserError
 from eaglecache.precompute.reader import open_cache
-from eaglecache.precompute.store import CACHE_FILE, checksum, PartWriter, create_or_check_cache, write_json_atomic
+from eaglecache.precompute.bits import checksum
+from eaglecache.precompute.store import CACHE_FILE, PartWriter, create_or_check_cache, write_json_atomic
 
 A, H = 3, 32
 
