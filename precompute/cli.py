@@ -44,8 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("cache", metavar="DIR", help="Cache directory, or a URL such as s3://bucket/prefix.")
     p = add_command(sub, "verify", _verify,
                     "Re-read every shard: shapes, write-time checksums, no NaN/Inf. Exits non-zero on damage.")
-    p.add_argument("cache", metavar="DIR", help="Cache directory.")
-    p.add_argument("--repair", action="store_true", help="Re-queue damaged samples for the next precompute run.")
+    p.add_argument("cache", metavar="DIR", help="Cache directory, or a URL such as s3://bucket/prefix.")
+    p.add_argument("--repair", action="store_true",
+                   help="Re-queue damaged samples for the next precompute run (local caches only).")
 
     p = add_command(subparsers, "plan", _plan,
                     "Storage and bandwidth plan of a cache: tokens, bytes per codec, shards, write/read rates.")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.reader import open_cache, read_parts
+from eaglecache.precompute.reader import CacheFiles, is_url, open_cache, read_parts
 from eaglecache.precompute.store import (
-    CACHE_FILE, PART_FILE, _read_cache_json, use_fast_codec_pipeline, write_json_atomic,
+    CACHE_FILE, PART_FILE, PARTS_DIR, _read_cache_json, use_fast_codec_pipeline, write_json_atomic,
 )
 from eaglecache.precompute.bits import checksum
 
@@ -62,17 +62,12 @@ def _nonfinite(name: str, data: np.ndarray, fp8: bool) -> int:
     return int(((data & BF16_EXPONENT) == BF16_EXPONENT).sum())
 
 
-def verify_shard(path: Path, shard: dict, meta: dict) -> list[str]:
-    """Problems found in one shard (empty when intact)."""
-    import zarr
-
-    from eaglecache.precompute.store import _consolidated_metadata
-
-    if not path.is_dir():
+def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -> list[str]:
+    """Problems found in one shard (empty when intact); ``path`` local or a URL under ``files``' root."""
+    if files.read_text(files.join(path, "zarr.json")) is None:
         return ["directory missing"]
     try:
-        with _consolidated_metadata():
-            group = zarr.open_group(path, mode="r", use_consolidated=True)
+        group = files.open_group(path)
     except Exception as exc:  # damaged metadata: report, do not crash the whole check
         return [f"cannot open ({exc.__class__.__name__}: {exc})"]
     fp8 = meta["dtype"] == "fp8_e4m3"
@@ -107,22 +102,29 @@ def run_verify(config, args) -> int:
     from tqdm import tqdm
 
     use_fast_codec_pipeline()
-    root = Path(args.cache)
-    if not (root / CACHE_FILE).is_file():
+    files = CacheFiles(args.cache)
+    root = files.root
+    repair = getattr(args, "repair", False)
+    if repair and is_url(root):
+        raise UserError(f"{root}: --repair changes manifests in place and works on local caches only; "
+                        "verify without it, or repair a local copy")
+    text = files.read_text(files.join(root, CACHE_FILE))
+    if text is None:
         raise UserError(f"{root}: no {CACHE_FILE} (not a feature cache)")
-    meta = _read_cache_json(root / CACHE_FILE)["metadata"]
+    meta = _read_cache_json(files.join(root, CACHE_FILE), text)["metadata"]
     parts = read_parts(root)
     shards = [(part_dir, record, shard) for part_dir, record in parts for shard in record["shards"]]
-    damaged: dict[Path, list[dict]] = {}
+    damaged: dict[Path | str, list[dict]] = {}
     for part_dir, record, shard in tqdm(shards, desc="verify", unit="shard", dynamic_ncols=True):
-        path = part_dir / shard["name"]
-        problems = verify_shard(path, shard, meta)
+        path = files.join(part_dir, shard["name"])
+        problems = verify_shard(files, path, shard, meta)
         if problems:
             damaged.setdefault(part_dir, []).append(shard)
             tqdm.write(f"DAMAGED {path}: " + "; ".join(problems))
-    listed = {part_dir / shard["name"] for part_dir, _, shard in shards}
-    unlisted = [path for part_dir, _ in parts for path in sorted(part_dir.glob("shard-*.zarr"))
-                if path not in listed]  # a killed run renamed it into place but never recorded it
+    listed = {str(files.join(part_dir, shard["name"])) for part_dir, _, shard in shards}
+    # a killed run renamed it into place but never recorded it
+    present = [str(p)[:-len("/zarr.json")] for p in files.glob(f"{PARTS_DIR}/part-*/shard-*.zarr/zarr.json")]
+    unlisted = [path for path in present if path not in listed]
     for path in unlisted:
         print(f"UNLISTED {path}: shard data without a manifest entry (not read; the next precompute of "
               "the part removes it, as does --repair)")
@@ -131,7 +133,7 @@ def run_verify(config, args) -> int:
     num_damaged = sum(len(v) for v in damaged.values())
     print(f"{root}: {len(shards)} shards checked, {num_damaged} damaged, {len(unlisted)} unlisted"
           + (f"; parts {missing} missing or unfinished" if missing else ""))
-    if getattr(args, "repair", False):
+    if repair:
         if num_damaged:
             _repair(parts, damaged)
         for path in unlisted:

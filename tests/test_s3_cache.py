@@ -72,6 +72,37 @@ def test_cache_info_prints_the_same_contents(s3_cache, tiny_cache, capsys):
     assert f"cache      {s3_cache} " in remote
 
 
+def test_cache_verify_checks_every_shard_in_the_bucket_and_names_damage(s3_cache, tiny_cache, capsys):
+    import boto3
+
+    assert main(["cache", "verify", s3_cache]) == 0
+    shards = sum(len(record["shards"]) for record in
+                 (json.loads(p.read_text()) for p in tiny_cache.glob("parts/*/part.json")))
+    assert f"{shards} shards checked, 0 damaged, 0 unlisted" in capsys.readouterr().out
+
+    # a second copy, with one flipped byte in one shard's states and one shard nobody recorded
+    client, prefix = boto3.client("s3"), "caches/damaged"
+    files = [f for f in sorted(tiny_cache.rglob("*")) if f.is_file()]
+    victim = next(f for f in files if f.parent.name == "final")
+    for f in files:
+        key = f"{prefix}/{f.relative_to(tiny_cache).as_posix()}"
+        body = bytearray(f.read_bytes())
+        if f == victim:
+            body[len(body) // 3] ^= 0xFF
+        client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+        if f.parent.parent.name == "shard-00000.zarr" or f.parent.name == "shard-00000.zarr":
+            stray = key.replace("shard-00000.zarr", "shard-09999.zarr")
+            client.put_object(Bucket=BUCKET, Key=stray, Body=bytes(f.read_bytes()))
+    damaged = f"s3://{BUCKET}/{prefix}"
+    assert main(["cache", "verify", damaged]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {damaged}/{victim.parent.parent.relative_to(tiny_cache).as_posix()}: final: checksum" in out
+    assert "UNLISTED" in out and "shard-09999.zarr" in out
+    assert f"{shards} shards checked, 1 damaged, " in out
+    assert main(["cache", "verify", damaged, "--repair"]) == 2
+    assert "works on local caches only" in capsys.readouterr().err
+
+
 def test_missing_cache_url_is_one_clear_error(s3_cache):
     from eaglecache.errors import UserError
 
