@@ -135,3 +135,14 @@ def test_training_from_s3_gives_the_losses_of_the_local_copy(s3_cache, tiny_cach
         losses[name] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["s3"]) == 3 and all(np.isfinite(losses["s3"]))
     assert losses["s3"] == losses["local"]  # the same bytes, so bit-identical losses
+
+
+def test_ablations_run_from_a_cache_url(s3_cache, tiny_cache, tiny_target, tmp_path):
+    from eaglecache.train.ablate import cache_fingerprint
+
+    out = tmp_path / "ablate"
+    assert main(["ablate", "--cache", s3_cache, "--output", str(out), "--grid", "train.ttt_length=[2]",
+                 f"target.path={tiny_target}", "train.launcher.num_gpus=1", *RUN]) == 0
+    record = json.loads(next(out.glob("*/variant.json")).read_text())
+    assert record["status"] == "done" and record["metrics"]["step"] == 3
+    assert record["fingerprint"]["cache"] == cache_fingerprint(str(tiny_cache))  # the same cache, read remotely

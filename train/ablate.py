@@ -136,8 +136,10 @@ def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: 
 def run_ablate(config, args) -> int:
     from eaglecache.train.ablation_report import write_report
 
-    if not args.cache or not Path(args.cache).is_dir():
-        raise UserError(f"--cache {args.cache}: not a directory (a feature cache from `eaglecache precompute`)")
+    from eaglecache.precompute.reader import is_url
+
+    if not args.cache or not (is_url(args.cache) or Path(args.cache).is_dir()):
+        raise UserError(f"--cache {args.cache}: not a directory or URL (a feature cache from `eaglecache precompute`)")
     if config.train.source != "cache":
         raise UserError("ablations train from the cache: train.source must be 'cache'")
     grid = parse_grid(args.grid or [], args.grid_file)
