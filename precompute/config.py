@@ -17,8 +17,8 @@ class PrecomputeConfig(Section):
         4, ge=1, description="GiB of extracted states that may wait for the writer before the engine is held back."
     )
     shard_tokens: int = Field(
-        65536, ge=1, description="Target tokens per shard; a shard is written once, as a unit. The writer holds one "
-        "shard of states in host memory: tokens x (aux + 1) x hidden x 2 bytes."
+        65536, ge=1, description="Target tokens per shard; a shard is written once, as a unit. The writer holds two "
+        "shards of states in host memory (one filling, one being written): 2 x tokens x (aux + 1) x hidden x 2 bytes."
     )
     chunk_tokens: int = Field(1024, ge=1, description="Tokens per Zarr chunk inside a shard (the read unit).")
     codec: Literal["none", "zstd", "blosc-zstd"] = Field("zstd", description="Lossless compression codec.")

@@ -9,8 +9,8 @@ import torch
 import zarr
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.reader import open_cache
 from eaglecache.precompute.bits import checksum
+from eaglecache.precompute.reader import open_cache
 from eaglecache.precompute.store import CACHE_FILE, PartWriter, create_or_check_cache, write_json_atomic
 
 A, H = 3, 32
@@ -183,7 +183,8 @@ def test_refusals_are_one_line_user_errors(tmp_path):
         open_cache(tmp_path).read(7)
 
 
-def test_a_failed_commit_is_raised_and_keeps_the_shards_before_it(tmp_path, monkeypatch):
+def test_a_failed_background_commit_is_raised_and_keeps_the_shards_before_it(tmp_path, monkeypatch):
+    """Shards are committed by a background thread while the next one fills; its error reaches the caller."""
     import errno
 
     from eaglecache.precompute import store
