@@ -36,16 +36,17 @@ def direct_write_supported(array: zarr.Array) -> bool:
     if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
         return False
     conf = codecs[0]["configuration"]
+    rows_per_chunk, row_shape = conf["chunk_shape"][0], tuple(array.shape[1:])
     return (
         [c["name"] for c in conf["codecs"]] == ["bytes"]
         and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"  # none for 1-byte types
         and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
         and conf["index_codecs"][0].get("configuration", {}).get("endian") == "little"
         and conf["index_location"] == "end"
-        and tuple(conf["chunk_shape"][1:]) == tuple(array.shape[1:])
-        and tuple(array.shards) == (-(-array.shape[0] // conf["chunk_shape"][0]) * conf["chunk_shape"][0],) + tuple(array.shape[1:])
+        and tuple(conf["chunk_shape"][1:]) == row_shape
+        and tuple(array.shards) == (-(-array.shape[0] // rows_per_chunk) * rows_per_chunk,) + row_shape
         and array.fill_value == 0
-        and array.dtype.byteorder in ("<", "=", "|")
+        and array.dtype == array.dtype.newbyteorder("<")  # our bytes are the host's: little-endian ones
     )
 
 
