@@ -188,6 +188,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    # gloo's threads, left to the interpreter's teardown, can abort a run that went well ("terminate
+    # called without an active exception", seen once in CI). Only on success: after a failure other
+    # ranks may still be inside a collective, and destroying the group would hang (torchtitan #1342).
+    torch.distributed.destroy_process_group()
     return 0
 
 
