@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from eaglecache.errors import UserError
+from eaglecache.precompute.bits import checksum
 from eaglecache.precompute.reader import CacheFiles, is_url, open_cache, read_parts
 from eaglecache.precompute.store import (
     CACHE_FILE, PART_FILE, PARTS_DIR, _read_cache_json, use_fast_codec_pipeline, write_json_atomic,
 )
-from eaglecache.precompute.bits import checksum
 
 BF16_EXPONENT = 0x7F80  # all exponent bits set: Inf or NaN
 FP8_NAN = 0x7F  # e4m3fn has no Inf; NaN is S.1111.111
@@ -64,7 +64,8 @@ def _nonfinite(name: str, data: np.ndarray, fp8: bool) -> int:
 
 def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -> list[str]:
     """Problems found in one shard (empty when intact); ``path`` local or a URL under ``files``' root."""
-    if files.read_text(files.join(path, "zarr.json")) is None:
+    exists = path.is_dir() if isinstance(path, Path) else files.read_text(files.join(path, "zarr.json")) is not None
+    if not exists:
         return ["directory missing"]
     try:
         group = files.open_group(path)

@@ -25,8 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from eaglecache.config import load_config, parse_override, yaml_load
 from eaglecache.errors import UserError
 
@@ -134,9 +132,8 @@ def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: 
 
 
 def run_ablate(config, args) -> int:
-    from eaglecache.train.ablation_report import write_report
-
     from eaglecache.precompute.reader import is_url
+    from eaglecache.train.ablation_report import write_report
 
     if not args.cache or not (is_url(args.cache) or Path(args.cache).is_dir()):
         raise UserError(f"--cache {args.cache}: not a directory or URL (a feature cache from `eaglecache precompute`)")
