@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eaglecache.errors import UserError
 from eaglecache.serve import engine, prompts
 from eaglecache.serve.card import render_model_card, results_table
 from eaglecache.serve.export import build_untrained_draft, read_export, resolve_target_dir
