@@ -85,7 +85,9 @@ def bench_prefill(config, target, data: Path, work: Path, reps: int) -> dict:
 
 # the writer measurement's rows: MiniMax-M3-sized states, 2048-token samples, 4 samples a shard
 HIDDEN, NUM_AUX, SAMPLE_TOKENS, SHARD_TOKENS = 6144, 3, 2048, 8192
-WARMUP_GB = 2 * SHARD_TOKENS * (NUM_AUX + 1) * HIDDEN * 2 / 1e9  # two shards: see writer_gbps
+BYTES_PER_SAMPLE = SAMPLE_TOKENS * (NUM_AUX + 1) * HIDDEN * 2
+NUM_WARMUP_SAMPLES = 2 * (SHARD_TOKENS // SAMPLE_TOKENS)  # two shards: see writer_gbps
+WARMUP_GB = NUM_WARMUP_SAMPLES * BYTES_PER_SAMPLE / 1e9
 
 
 def dd_zero_gbps(directory: Path, gb: float) -> float:
@@ -161,9 +163,8 @@ def _disk_only(gb: float, directory: Path) -> dict[str, float]:
 def _writer_only(codec: str, gb: float, directory: Path) -> dict[str, float]:
     from eaglecache.precompute.store import PartWriter
 
-    bytes_per_sample = SAMPLE_TOKENS * (NUM_AUX + 1) * HIDDEN * 2
-    num_warmup = 2 * (SHARD_TOKENS // SAMPLE_TOKENS)
-    num_samples = max(1, int(gb * 1e9 / bytes_per_sample))
+    num_warmup = NUM_WARMUP_SAMPLES
+    num_samples = max(1, int(gb * 1e9 / BYTES_PER_SAMPLE))
     states = _sample_states()
     ids, mask = np.arange(SAMPLE_TOKENS, dtype=np.int32), np.ones(SAMPLE_TOKENS, np.uint8)
     meta = {"aux_layer_ids": list(range(NUM_AUX)), "hidden_size": HIDDEN, "dtype": "bfloat16", "codec": codec,
@@ -180,8 +181,8 @@ def _writer_only(codec: str, gb: float, directory: Path) -> dict[str, float]:
     writer.close()
     done = time.perf_counter()
     shutil.rmtree(cache)
-    return {"steady": num_samples * bytes_per_sample / (done - warm) / 1e9,
-            "cold": (num_warmup + num_samples) * bytes_per_sample / (done - started) / 1e9}
+    return {"steady": num_samples * BYTES_PER_SAMPLE / (done - warm) / 1e9,
+            "cold": (num_warmup + num_samples) * BYTES_PER_SAMPLE / (done - started) / 1e9}
 
 
 def bytes_per_token(cache_path: Path, work: Path) -> list[tuple[str, float]]:

@@ -23,7 +23,12 @@ def checksum(array: np.ndarray, kind: str = "crc32c") -> str:
         return f"crc32:{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
     if kind != "crc32c":
         raise ValueError(f"unknown checksum kind {kind!r}")
-    return f"crc32c:{crc32c_extend(array):08x}"
+    return crc32c_label(crc32c_extend(array))
+
+
+def crc32c_label(crc: int) -> str:
+    """The recorded form of a CRC-32C value."""
+    return f"crc32c:{crc:08x}"
 
 
 def crc32c_extend(array: np.ndarray, crc: int = 0) -> int:

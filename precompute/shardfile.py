@@ -60,7 +60,7 @@ def write_shard_file(array: zarr.Array, store_dir: Path, data: np.ndarray) -> No
     data = np.ascontiguousarray(data)
     rows_per_chunk = array.chunks[0]
     num_chunks = array.shards[0] // rows_per_chunk
-    row_bytes = data[:1].nbytes if len(data) else int(np.prod(array.shape[1:], dtype=np.int64)) * data.dtype.itemsize
+    row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * data.dtype.itemsize
     chunk_bytes = rows_per_chunk * row_bytes
     pad_bytes = num_chunks * chunk_bytes - data.nbytes
 

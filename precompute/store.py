@@ -35,7 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, quantize_fp8
+from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
 from eaglecache.precompute.shardfile import direct_write_supported, write_shard_file
 
 FORMAT = "eaglecache.cache"
@@ -107,9 +107,9 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
     already hold those arrays' checksums (taken as they were filled). Returns the
     record that goes into part.json.
     """
-    arrays, checksums = dict(arrays), dict(checksums or {})
+    arrays = dict(arrays)
+    checksums = {} if fp8 else dict(checksums or {})  # fp8: those of the arrays as stored, taken below
     if fp8:
-        checksums = {}  # of the arrays as stored
         for name in STATE_ARRAYS:
             arrays[name], arrays[f"{name}_scale"] = quantize_fp8(arrays[name])
     num_tokens = int(sum(lengths))
@@ -197,7 +197,7 @@ class ShardBuffer:
         return {name: data[: self.num_tokens] for name, data in self.arrays.items()}
 
     def checksums(self) -> dict[str, str]:
-        return {name: f"crc32c:{crc:08x}" for name, crc in self.crcs.items()}
+        return {name: crc32c_label(crc) for name, crc in self.crcs.items()}
 
 
 def _fsync_dir(path: Path) -> None:
