@@ -14,7 +14,6 @@ Note DeepSpeed's warmup runs at least 2 steps and its first step uses lr 0.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +73,8 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], run_dir: Pa
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; gloo on CPU, nccl on CUDA (device set first)."""
+    import os
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -82,22 +83,4 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if not on_cuda:
-        _unlink_shm_allreduce_buffer(rank)
     return rank, world, torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
-
-
-def _unlink_shm_allreduce_buffer(rank: int) -> None:
-    """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
-
-    DeepSpeed's CPU backend puts a ~70 MB buffer per rank in /dev/shm and never unlinks it, so each
-    run (and every killed one) left its buffers behind, in RAM, until reboot. The mappings outlive
-    the name, as with any unlinked file; the barrier makes sure every rank has opened the others'.
-    """
-    torch.distributed.barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except OSError:
-        pass  # no shm all-reduce (e.g. several nodes) or not on Linux
