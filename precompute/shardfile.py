@@ -14,10 +14,18 @@ CRC-32C of those index bytes. The array's metadata (``zarr.json``) is still writ
 itself, and tests check the file is byte-identical to the one zarr writes for the same data.
 Only arrays chunked along the first axis (whole rows per chunk) take this path, which is every
 per-token array of the cache.
+
+The bulk of the file goes out with O_DIRECT when the file system takes it and the buffer is
+page-aligned (``aligned_empty``): the disk then reads the buffer itself, where a buffered write
+first copies every byte into the page cache. That copy was most of the writer's CPU (on 2 cores,
+buffered writes peaked at 1.9 GB/s while the disk took 3); O_DIRECT costs about 1 % of it, and
+terabytes written once no longer pass through the page cache at all. The unaligned tail (the
+last partial block, padding, index) is written buffered after it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -26,7 +34,17 @@ import numpy as np
 import zarr
 
 _ZEROS = bytes(1 << 20)
-_PIECE_BYTES = 64 << 20
+WRITE_BYTES = 64 << 20  # per write call: larger ones gained nothing on disk here, smaller ones lost up to 20 %
+_ALIGN = 4096  # O_DIRECT wants buffer, length and offset aligned to the device's block; 4 KiB covers them all
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose first byte is 4 KiB-aligned, so that O_DIRECT can write it."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def direct_write_supported(array: zarr.Array) -> bool:
@@ -50,10 +68,11 @@ def direct_write_supported(array: zarr.Array) -> bool:
     )
 
 
-def write_shard_file(array: zarr.Array, store_dir: Path, data: np.ndarray) -> None:
+def write_shard_file(array: zarr.Array, store_dir: Path, data: np.ndarray) -> bool:
     """Write ``data`` (the array's full contents, C-contiguous) as the array's one shard file.
 
-    ``store_dir`` is the directory of the zarr group holding ``array``.
+    ``store_dir`` is the directory of the zarr group holding ``array``. Returns whether the bulk
+    went out with O_DIRECT (see the module docstring; buffered otherwise, same bytes).
     """
     if data.shape != array.shape or data.dtype != array.dtype:
         raise ValueError(f"{array.path}: data {data.shape} {data.dtype} does not match {array.shape} {array.dtype}")
@@ -72,13 +91,45 @@ def write_shard_file(array: zarr.Array, store_dir: Path, data: np.ndarray) -> No
 
     path = Path(store_dir) / array.path / array.metadata.encode_chunk_key((0,) * array.ndim)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb", buffering=0) as f:
-        _write_all(f, memoryview(data).cast("B"))
+    view = memoryview(data).cast("B")
+    direct_bytes = _write_direct(path, view)
+    with open(path, "r+b" if direct_bytes else "wb", buffering=0) as f:
+        f.seek(direct_bytes)
+        _write_all(f, view[direct_bytes:])
         while pad_bytes > 0:
             step = min(pad_bytes, len(_ZEROS))
             _write_all(f, memoryview(_ZEROS)[:step])
             pad_bytes -= step
         _write_all(f, memoryview(index_bytes + crc))
+    return direct_bytes > 0
+
+
+def _write_direct(path: Path, view: memoryview) -> int:
+    """Write the block-aligned head of ``view`` to a new file at ``path`` with O_DIRECT; return its size.
+
+    0 (nothing written) when the buffer is not aligned or the file system refuses O_DIRECT (some
+    FUSE and network file systems do, at open or at the first write); the caller writes it all."""
+    head = len(view) // _ALIGN * _ALIGN
+    if not head or not hasattr(os, "O_DIRECT") or np.frombuffer(view, np.uint8, count=1).ctypes.data % _ALIGN:
+        return 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:
+        return 0
+    written = 0
+    try:
+        while written < head:
+            num_bytes = os.write(fd, view[written:min(head, written + WRITE_BYTES)])
+            written += num_bytes
+            if num_bytes % _ALIGN:  # a short write off the block grid: the buffered writer takes it from here
+                break
+    except OSError as exc:
+        if written or exc.errno != errno.EINVAL:
+            raise  # a disk error (ENOSPC, EIO), not a refusal of O_DIRECT
+        return 0
+    finally:
+        os.close(fd)
+    return written
 
 
 def _write_all(f, view: memoryview) -> None:
@@ -90,10 +141,10 @@ def _write_all(f, view: memoryview) -> None:
     """
     while view:
         start = f.tell()
-        piece = view[:_PIECE_BYTES]
+        piece = view[:WRITE_BYTES]
         while piece:  # an unbuffered write may take fewer bytes than offered
             piece = piece[f.write(piece):]
-        view = view[_PIECE_BYTES:]
+        view = view[WRITE_BYTES:]
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), start, f.tell() - start, os.POSIX_FADV_DONTNEED)
 

@@ -36,7 +36,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from eaglecache.errors import UserError
 from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
-from eaglecache.precompute.shardfile import direct_write_supported, write_shard_file
+from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_shard_file
 
 FORMAT = "eaglecache.cache"
 PART_FORMAT = "eaglecache.cache.part"
@@ -170,7 +170,7 @@ class ShardBuffer:
     def _grow(self, capacity: int) -> None:
         old, self.arrays = self.arrays, {}
         for name, (tail, dtype) in self.layout.items():
-            self.arrays[name] = np.empty((capacity,) + tail, dtype=dtype)
+            self.arrays[name] = aligned_empty((capacity,) + tail, dtype)  # O_DIRECT writes it as it is
             if old:
                 self.arrays[name][: self.num_tokens] = old[name][: self.num_tokens]
         self.capacity = capacity
