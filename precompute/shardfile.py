@@ -1,4 +1,4 @@
-"""Writes an uncompressed per-token array's Zarr v3 shard file straight from its buffer.
+"""Writes a cache shard's uncompressed chunk files straight from its buffers, as zarr would.
 
 Why: zarr's sharded assignment (``array[...] = data``) assembles the whole shard in a new
 buffer and then copies it again into the store, so a 0.4 GB shard costs two extra passes
@@ -10,10 +10,11 @@ The bytes are exactly zarr's ``sharding_indexed`` layout (zarr v3 spec, sharding
 inner chunks one after another in chunk order, each the ``bytes``-codec (little-endian)
 image of a full ``chunk_shape`` block (the edge block padded with the fill value), then the
 index: for every inner chunk (offset, nbytes) as little-endian uint64, followed by the
-CRC-32C of those index bytes. The array's metadata (``zarr.json``) is still written by zarr
-itself, and tests check the file is byte-identical to the one zarr writes for the same data.
-Only arrays chunked along the first axis (whole rows per chunk) take this path, which is every
-per-token array of the cache.
+CRC-32C of those index bytes. The array's metadata (``zarr.json``) comes from zarr itself
+(precompute/shardmeta.py), and tests check the file is byte-identical to the one zarr writes for
+the same data. Only arrays chunked along the first axis (whole rows per chunk) take this path,
+which is every per-token array of the cache; the shard's two small index arrays are one plain
+chunk each (``write_plain_chunk``).
 
 The bulk of the file goes out with O_DIRECT when the file system takes it and the buffer is
 page-aligned (``aligned_empty``): the disk then reads the buffer itself, where a buffered write
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import google_crc32c  # zarr's own dependency, the checksum its Crc32cCodec uses
 import numpy as np
-import zarr
 
 _ZEROS = bytes(1 << 20)
 WRITE_BYTES = 64 << 20  # per write call: larger ones gained nothing on disk here, smaller ones lost up to 20 %
@@ -47,39 +47,70 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def direct_write_supported(array: zarr.Array) -> bool:
-    """True when ``array`` is one shard of uncompressed row chunks in the layout this module writes."""
-    meta = array.metadata.to_dict()
-    codecs = meta["codecs"]
-    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+def _little_endian(dtype: np.dtype) -> bool:
+    return dtype == dtype.newbyteorder("<")  # true for 1-byte types too
+
+
+def _is_little_bytes_codec(codec: dict) -> bool:
+    return codec["name"] == "bytes" and codec.get("configuration", {}).get("endian", "little") == "little"
+
+
+def _chunk_path(doc: dict, array_dir: Path) -> Path:
+    """The file of chunk (0, ..., 0) under the array's directory, by its default chunk key encoding."""
+    separator = doc["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+    return Path(array_dir) / separator.join(["c"] + ["0"] * len(doc["shape"]))
+
+
+def _matches(doc: dict, data: np.ndarray) -> bool:
+    return (doc["chunk_key_encoding"]["name"] == "default" and doc["fill_value"] == 0
+            and tuple(doc["shape"]) == data.shape and np.dtype(doc["data_type"]) == data.dtype
+            and _little_endian(data.dtype))
+
+
+def direct_write_supported(doc: dict, data: np.ndarray) -> bool:
+    """True when the array of metadata ``doc`` (its ``zarr.json``) is one shard of uncompressed row
+    chunks, the layout ``write_shard_file`` writes, and ``data`` fits it."""
+    codecs = doc["codecs"]
+    if not _matches(doc, data) or len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
         return False
     conf = codecs[0]["configuration"]
-    rows_per_chunk, row_shape = conf["chunk_shape"][0], tuple(array.shape[1:])
+    rows_per_chunk, row_shape = conf["chunk_shape"][0], data.shape[1:]
     return (
-        [c["name"] for c in conf["codecs"]] == ["bytes"]
-        and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"  # none for 1-byte types
+        len(conf["codecs"]) == 1 and _is_little_bytes_codec(conf["codecs"][0])
         and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
-        and conf["index_codecs"][0].get("configuration", {}).get("endian") == "little"
+        and _is_little_bytes_codec(conf["index_codecs"][0])
         and conf["index_location"] == "end"
         and tuple(conf["chunk_shape"][1:]) == row_shape
-        and tuple(array.shards) == (-(-array.shape[0] // rows_per_chunk) * rows_per_chunk,) + row_shape
-        and array.fill_value == 0
-        and array.dtype == array.dtype.newbyteorder("<")  # our bytes are the host's: little-endian ones
+        and tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
+        == (-(-data.shape[0] // rows_per_chunk) * rows_per_chunk,) + row_shape
     )
 
 
-def write_shard_file(array: zarr.Array, store_dir: Path, data: np.ndarray) -> bool:
-    """Write ``data`` (the array's full contents, C-contiguous) as the array's one shard file.
+def write_plain_chunk(doc: dict, array_dir: Path, data: np.ndarray) -> bool:
+    """Write ``data`` as the chunk file of an uncompressed single-chunk array (a shard's ``offsets``
+    and ``sample_ids``): its little-endian bytes. False, writing nothing, for any other layout."""
+    if not (_matches(doc, data) and len(doc["codecs"]) == 1 and _is_little_bytes_codec(doc["codecs"][0])
+            and doc["chunk_grid"]["configuration"]["chunk_shape"] == doc["shape"]):
+        return False
+    with open(_chunk_path(doc, array_dir), "wb") as f:
+        f.write(np.ascontiguousarray(data).tobytes())
+    return True
 
-    ``store_dir`` is the directory of the zarr group holding ``array``. Returns whether the bulk
-    went out with O_DIRECT (see the module docstring; buffered otherwise, same bytes).
+
+def write_shard_file(doc: dict, array_dir: Path, data: np.ndarray) -> bool:
+    """Write ``data`` (the array's full contents) as the one shard file of the array whose metadata is
+    ``doc`` and whose directory is ``array_dir``; ``direct_write_supported(doc, data)`` must hold.
+
+    Returns whether the bulk went out with O_DIRECT (see the module docstring; buffered otherwise,
+    same bytes).
     """
-    if data.shape != array.shape or data.dtype != array.dtype:
-        raise ValueError(f"{array.path}: data {data.shape} {data.dtype} does not match {array.shape} {array.dtype}")
+    if not direct_write_supported(doc, data):
+        raise ValueError(f"{array_dir}: data {data.shape} {data.dtype} does not fit the shard layout of {doc['shape']} "
+                         f"{doc['data_type']}")
     data = np.ascontiguousarray(data)
-    rows_per_chunk = array.chunks[0]
-    num_chunks = array.shards[0] // rows_per_chunk
-    row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * data.dtype.itemsize
+    rows_per_chunk = doc["codecs"][0]["configuration"]["chunk_shape"][0]
+    num_chunks = doc["chunk_grid"]["configuration"]["chunk_shape"][0] // rows_per_chunk
+    row_bytes = int(np.prod(data.shape[1:], dtype=np.int64)) * data.dtype.itemsize
     chunk_bytes = rows_per_chunk * row_bytes
     pad_bytes = num_chunks * chunk_bytes - data.nbytes
 
@@ -89,7 +120,7 @@ def write_shard_file(array: zarr.Array, store_dir: Path, data: np.ndarray) -> bo
     index_bytes = index.tobytes()
     crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
 
-    path = Path(store_dir) / array.path / array.metadata.encode_chunk_key((0,) * array.ndim)
+    path = _chunk_path(doc, array_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     view = memoryview(data).cast("B")
     direct_bytes = _write_direct(path, view)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eaglecache.precompute.bits import all_finite
 from eaglecache.precompute.store import PartWriter
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class StateSink:
     def _write(self, item: Extracted) -> None:
         if item.copied is not None:
             item.copied.synchronize()
-        bad = bool(item.nonfinite) if item.nonfinite is not None else not bool(torch.isfinite(item.states).all())
+        bad = bool(item.nonfinite) if item.nonfinite is not None else not all_finite(item.states)
         started = time.perf_counter()
         if bad:
             self.writer.skip(item.sample_id, "NaN or Inf in hidden states")

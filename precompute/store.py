@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 
 from eaglecache.errors import UserError
 from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
-from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_shard_file
+from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_plain_chunk, write_shard_file
+from eaglecache.precompute.shardmeta import shard_documents, write_documents
 
 FORMAT = "eaglecache.cache"
 PART_FORMAT = "eaglecache.cache.part"
@@ -83,16 +83,6 @@ def write_json_atomic(path: Path, obj: Any, compact: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def _compressors(codec: str, level: int, itemsize: int):
-    if codec == "none":
-        return None
-    if codec == "zstd":
-        return ZstdCodec(level=level)
-    if codec == "blosc-zstd":
-        return BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="bitshuffle", typesize=itemsize)
-    raise UserError(f"unknown codec {codec!r} (expected none, zstd or blosc-zstd)")
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -117,28 +107,16 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
     arrays["sample_ids"] = np.asarray(sample_ids, dtype=np.int64)
 
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    group = zarr.open_group(tmp, mode="w", zarr_format=3,
-                            attributes={"format": FORMAT, "version": VERSION, "fp8": fp8})
+    per_token = {name for name in arrays if name not in ("offsets", "sample_ids")}
+    docs = shard_documents(arrays, per_token, chunk_tokens=chunk_tokens, codec=codec, codec_level=codec_level,
+                           attributes={"format": FORMAT, "version": VERSION, "fp8": fp8})
+    write_documents(tmp, docs)
     for name, data in arrays.items():
-        per_token = name not in ("offsets", "sample_ids")
-        if per_token:
-            # one inner chunk = chunk_tokens tokens; one shard (file) = the whole array
-            chunks = (chunk_tokens,) + data.shape[1:]
-            shards = (-(-num_tokens // chunk_tokens) * chunk_tokens,) + data.shape[1:]
-        else:
-            chunks, shards = data.shape, None
-        array = group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-            compressors=_compressors(codec, codec_level, data.dtype.itemsize) if per_token else None,
-            fill_value=0,
-            chunk_key_encoding={"name": "default", "separator": "."},  # c.0.0.0: no nested dirs to fsync
-        )
-        if per_token and direct_write_supported(array):
-            write_shard_file(array, tmp, data)
-        else:
-            array[...] = data
-    with _consolidated_metadata():
-        zarr.consolidate_metadata(tmp)
+        doc = docs[f"{name}/zarr.json"]
+        if direct_write_supported(doc, data):
+            write_shard_file(doc, tmp / name, data)
+        elif not write_plain_chunk(doc, tmp / name, data):
+            zarr.open_array(tmp / name, mode="r+")[...] = data  # compressed: zarr(s) encodes it
     checksums.update({name: checksum(data) for name, data in arrays.items() if name not in checksums})
     _fsync_tree(tmp)  # on disk before it is named: a listed shard survives a power loss too
     os.rename(tmp, path)

@@ -5,11 +5,17 @@ import pytest
 import zarr
 
 import errno
+import json
 import os
 
 from eaglecache.precompute import shardfile
 from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_shard_file
 from eaglecache.precompute.store import use_fast_codec_pipeline
+
+
+def _doc(array) -> dict:
+    """The array's metadata document as zarr wrote it (its zarr.json)."""
+    return json.loads(array.store_path.store.root.joinpath(array.path, "zarr.json").read_text())
 
 
 def _array(group, name, data, chunk_rows, compressors=None):
@@ -43,8 +49,8 @@ def test_shard_file_is_byte_identical_to_zarrs_own_and_both_pipelines_read_it(tm
     data = rng.integers(1, np.iinfo(dtype).max, size=shape, dtype=dtype)  # no all-zero chunk: zarr would omit it
     with zarr.config.set(ZARR_PIPELINE if pipeline == "zarr" else {}):
         ours = _array(zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3), "x", data, 8)
-        assert direct_write_supported(ours)
-        write_shard_file(ours, tmp_path / "ours.zarr", data)
+        assert direct_write_supported(_doc(ours), data)
+        write_shard_file(_doc(ours), tmp_path / "ours.zarr" / "x", data)
         key = "x/" + ours.metadata.encode_chunk_key((0,) * ours.ndim)
         assert (tmp_path / "ours.zarr" / key).read_bytes() == _zarrs_own_file(tmp_path, data, 8)
         reread = zarr.open_array(tmp_path / "ours.zarr" / "x", mode="r")
@@ -56,19 +62,21 @@ def test_zeros_read_back_although_zarr_would_have_omitted_them(tmp_path):
     data = np.zeros((20, 4), np.uint16)
     data[17] = 7
     group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
-    write_shard_file(_array(group, "x", data, 8), tmp_path / "g.zarr", data)
+    write_shard_file(_doc(_array(group, "x", data, 8)), tmp_path / "g.zarr" / "x", data)
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "g.zarr" / "x", mode="r")[...], data)
 
 
 def test_compressed_or_unsharded_arrays_are_left_to_zarr(tmp_path):
     group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
     data = np.ones((16, 4), np.uint16)
-    assert not direct_write_supported(_array(group, "z", data, 8, compressors=zarr.codecs.ZstdCodec(level=1)))
-    assert not direct_write_supported(group.create_array("plain", shape=(16, 4), dtype=np.uint16, chunks=(8, 4)))
-    assert not direct_write_supported(group.create_array("cols", shape=(16, 4), dtype=np.uint16, chunks=(8, 2),
-                                                         shards=(16, 4), compressors=None))
-    with pytest.raises(ValueError, match="does not match"):
-        write_shard_file(_array(group, "x", data, 8), tmp_path / "g.zarr", data[:8])
+    assert not direct_write_supported(_doc(_array(group, "z", data, 8, compressors=zarr.codecs.ZstdCodec(level=1))), data)
+    assert not direct_write_supported(_doc(group.create_array("plain", shape=(16, 4), dtype=np.uint16, chunks=(8, 4))), data)
+    assert not direct_write_supported(_doc(group.create_array("cols", shape=(16, 4), dtype=np.uint16, chunks=(8, 2),
+                                                              shards=(16, 4), compressors=None)), data)
+    x = _doc(_array(group, "x", data, 8))
+    assert not direct_write_supported(x, data[:8]) and not direct_write_supported(x, data.astype(np.int32))
+    with pytest.raises(ValueError, match="does not fit"):
+        write_shard_file(x, tmp_path / "g.zarr" / "x", data[:8])
 
 
 def _o_direct_works(directory) -> bool:
@@ -86,7 +94,7 @@ def test_bulk_goes_out_with_o_direct_from_an_aligned_buffer_and_the_bytes_stay_z
     data = aligned_empty(shape, np.uint16) if aligned else np.empty(np.prod(shape) + 1, np.uint16)[1:].reshape(shape)
     data[...] = rng.integers(1, 60000, size=shape, dtype=np.uint16)
     ours = _array(zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3), "x", data, 64)
-    went_direct = write_shard_file(ours, tmp_path / "ours.zarr", data)
+    went_direct = write_shard_file(_doc(ours), tmp_path / "ours.zarr" / "x", data)
     assert went_direct == (aligned and _o_direct_works(tmp_path))
     key = "x/" + ours.metadata.encode_chunk_key((0,) * ours.ndim)
     assert (tmp_path / "ours.zarr" / key).read_bytes() == _zarrs_own_file(tmp_path, data, 64)
@@ -115,7 +123,7 @@ def test_a_file_system_refusing_o_direct_gets_the_same_bytes_buffered(tmp_path, 
     data = aligned_empty((300, 40), np.uint16)
     data[...] = np.arange(12000, dtype=np.uint16).reshape(300, 40) + 1
     group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
-    assert not write_shard_file(_array(group, "x", data, 64), tmp_path / "g.zarr", data)
+    assert not write_shard_file(_doc(_array(group, "x", data, 64)), tmp_path / "g.zarr" / "x", data)
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "g.zarr" / "x", mode="r")[...], data)
 
 
@@ -136,4 +144,4 @@ def test_a_disk_error_during_an_o_direct_write_is_raised_not_hidden(tmp_path, mo
     if not _o_direct_works(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     with pytest.raises(OSError, match="No space"):
-        write_shard_file(_array(group, "x", data, 64), tmp_path / "g.zarr", data)
+        write_shard_file(_doc(_array(group, "x", data, 64)), tmp_path / "g.zarr" / "x", data)
