@@ -12,8 +12,10 @@ manifest is complete. The layout is documented in precompute/FORMAT.md.
 Bits are kept exactly: bf16 states are stored as their uint16 bits (zarr has no
 bfloat16). Every array uses zarr's sharding codec with one shard per array
 (one file) and inner chunks of ``chunk_tokens`` tokens, so a read touches only
-the chunks of the sample it wants; uncompressed arrays' shard files are written
-straight from the buffer (precompute/shardfile.py). Reading is precompute/reader.py.
+the chunks of the sample it wants. A shard's metadata documents are zarr's own,
+made once per layout (precompute/shardmeta.py); uncompressed arrays' files are
+written straight from the buffer (precompute/shardfile.py), compressed ones by
+zarr(s). Reading is precompute/reader.py.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def test_train_command_passes_the_url_to_the_ranks(s3_cache, tiny_target, tmp_pa
     args = argparse.Namespace(cache=s3_cache, data=None, vocab=None, output=str(tmp_path / "run"))
     config = resolve_config(load_config(None, [f"target.path={tiny_target}"]), args)
     check_inputs(config, args)  # what `eaglecache train` checks before starting any rank
-    cmd = launcher_command(config, args, tmp_path / "run")
+    cmd = launcher_command(config, args, tmp_path / "run", 29500)
     assert cmd[cmd.index("--cache") + 1] == s3_cache
 
 

@@ -13,6 +13,7 @@ import torch
 
 from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, losses, write_feature_cache
 from eaglecache.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV, committed_steps
+from eaglecache.train.launch import remove_cpu_allreduce_buffers
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 REPO = Path(__file__).resolve().parent.parent
@@ -46,8 +47,11 @@ def test_two_ranks_ga1_equal_one_rank_ga2(feature_cache, one_rank_run, tmp_path)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29563",
            "--module", "eaglecache.train.main", "--config", "configs/tiny.yaml", "--run-dir", str(out),
            "--cache", str(feature_cache), *TINY_RUN]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                            env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                                env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    finally:
+        remove_cpu_allreduce_buffers(29563)  # what `eaglecache train` does after its launcher returns
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 rank(s) x GA 1" in result.stderr + result.stdout
     two, one = fp32_weights(out), fp32_weights(one_rank_run)
@@ -73,6 +77,8 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(feature_cache, on
         assert torch.equal(again[name], reference[name]), name
     assert losses(out) == losses(one_rank_run)  # every step logged once, with the same values
     assert (out / "final" / "model.safetensors").is_file()
+    # DeepSpeed's CPU all-reduce buffers (70 MB per rank in RAM) of both runs, the killed one too, are gone
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_2956[57]_*"))
 
 
 @pytest.mark.parametrize("args, message", [
