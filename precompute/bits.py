@@ -49,7 +49,7 @@ def bf16_bits(states: torch.Tensor | np.ndarray) -> np.ndarray:
     return states.detach().cpu().view(torch.int16).numpy().view(np.uint16)
 
 
-_BF16_EXPONENT = 0x7F80  # all ones: Inf (zero mantissa) or NaN
+BF16_EXPONENT = 0x7F80  # all exponent bits set: Inf (zero mantissa) or NaN
 
 
 def all_finite(states: torch.Tensor) -> bool:
@@ -58,7 +58,7 @@ def all_finite(states: torch.Tensor) -> bool:
     MiB here, most of the writer's CPU in the worker)."""
     if states.dtype != torch.bfloat16 or states.is_cuda:
         return bool(torch.isfinite(states).all())
-    return int(np.max(np.bitwise_and(bf16_bits(states), _BF16_EXPONENT), initial=0)) != _BF16_EXPONENT
+    return int(np.max(np.bitwise_and(bf16_bits(states), BF16_EXPONENT), initial=0)) != BF16_EXPONENT
 
 
 def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:

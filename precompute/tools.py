@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.bits import checksum
+from eaglecache.precompute.bits import BF16_EXPONENT, checksum
 from eaglecache.precompute.reader import CacheFiles, is_url, open_cache, read_parts
 from eaglecache.precompute.store import (
     CACHE_FILE, PART_FILE, PARTS_DIR, _read_cache_json, use_fast_codec_pipeline, write_json_atomic,
 )
 
-BF16_EXPONENT = 0x7F80  # all exponent bits set: Inf or NaN
 FP8_NAN = 0x7F  # e4m3fn has no Inf; NaN is S.1111.111
 
 
