@@ -49,3 +49,27 @@ def test_a_new_turn_starts_a_new_walk_and_a_draft_never_accepts_past_the_turn():
     # turn 1 (tokens 2..6): the round after token 2 accepts 3, 4, 5 and the target adds 6, its
     # last token, so no round follows; turn 2 (11..15): the round after 11 accepts 12, 13, 14
     assert decode_walk(agree, mask)[2].tolist() == [6, 2]
+
+
+def test_a_micro_batch_no_longer_than_the_ttt_depth_is_walked():
+    """T <= K (a short sample alone in its micro-batch): the walk sees at most T - 2 draft tokens."""
+    steps = 7
+    for length, depth, expected in ((7, 3, [4, 2]), (7, 7, [5, 1]), (6, 7, [4, 1]), (3, 7, [1, 1]),
+                                    (2, 7, [0, 0]), (1, 7, [0, 0])):
+        mask = turn_mask(length, (0, length - 1))
+        agree = torch.ones(steps, 1, length, dtype=torch.bool)
+        # tokens 0..L-1 generated: the round after token 1 (t = 0) drafts L - 2 of them at most
+        assert decode_walk(agree, mask)[depth - 1].tolist() == expected, (length, depth)
+
+
+def test_the_ttt_loss_of_a_batch_shorter_than_the_ttt_depth_equals_the_plain_reference():
+    from test_ttt_loss import make_batch, make_draft, reference_loss, run_implementation
+
+    steps, decay = 7, 0.8
+    draft = make_draft()
+    for length in (1, 3, 7):
+        raw = make_batch(batch=2, length=length, seed=length)
+        loss, stats = run_implementation(draft, raw, steps, decay, attention="split")
+        ref_loss, ref_correct, ref_count = reference_loss(draft, *raw, steps, decay)
+        assert torch.allclose(loss, torch.as_tensor(ref_loss, dtype=loss.dtype), rtol=1e-10, atol=1e-12), length
+        assert stats[:, 1].tolist() == ref_correct and stats[:, 2].tolist() == ref_count

@@ -28,8 +28,8 @@ import torch
 
 
 def _ahead(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """mask[:, t + k] at t (False past the end)."""
-    return torch.nn.functional.pad(mask[:, k:], (0, k))
+    """mask[:, t + k] at t (False past the end), of mask's length also when k exceeds it (a short batch)."""
+    return torch.nn.functional.pad(mask[:, k:], (0, min(k, mask.shape[1])))
 
 
 def decode_walk(agree: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
