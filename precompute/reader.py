@@ -2,12 +2,13 @@
 
 The layout and the writer are precompute/store.py; this module only reads:
 opening checks the format version and the parts, builds the sample index from
-the part manifests (no array data), and ``read(sample_id)`` decodes just the
-chunks of that sample.
+the part manifests (no array data), and ``read(sample_id)`` reads just the
+bytes of that sample's chunks, straight from the shard files (precompute/shardread.py;
+zarr itself for a layout that module does not decode).
 
 A cache is read from a local (or shared) filesystem path, or from any URL fsspec
 opens, e.g. ``s3://bucket/prefix`` (needs ``s3fs``): the part manifests through
-fsspec, the shards through zarr's ``FsspecStore``. S3 credentials and endpoint
+fsspec, the shards by ranged reads through fsspec. S3 credentials and endpoint
 come from the standard AWS settings (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_ENDPOINT_URL`` for an S3-compatible server, ``AWS_PROFILE``, ~/.aws/config).
 """
@@ -30,6 +31,7 @@ from eaglecache.precompute.store import (
     _read_cache_json, fingerprint, use_fast_codec_pipeline,
 )
 from eaglecache.precompute.bits import bits_to_bf16, dequantize_fp8
+from eaglecache.precompute.shardread import ShardArrays
 
 
 @dataclass
@@ -187,29 +189,31 @@ class FeatureCache:
         """Tokens of every stored sample, in ``sample_ids`` order."""
         return self._length.copy()
 
-    def shard(self, index: int) -> dict[str, Any]:
-        """The opened Zarr arrays of shard ``index`` by name (kept in a small LRU)."""
-        group = self._open.get(index)
-        if group is None:
-            group = dict(self.files.open_group(self.shard_paths[index]).arrays())
-            self._open[index] = group
+    def shard(self, index: int) -> ShardArrays:
+        """Shard ``index``'s arrays, read by token range (a small LRU of open shards; evicted ones close
+        their files)."""
+        arrays = self._open.get(index)
+        if arrays is None:
+            arrays = ShardArrays(self.files, self.shard_paths[index])
+            self._open[index] = arrays
             if len(self._open) > self.max_open_shards:
-                self._open.popitem(last=False)
+                self._open.popitem(last=False)[1].close()
         else:
             self._open.move_to_end(index)
-        return group
+        return arrays
 
     def read(self, sample_id: int) -> Sample:
         i = self._find(sample_id)
-        group = self.shard(int(self._shard_of[i]))
-        rows = slice(int(self._start[i]), int(self._start[i] + self._length[i]))
+        shard = self.shard(int(self._shard_of[i]))
+        start = int(self._start[i])
+        stop = start + int(self._length[i])
         states = {}
         for name in STATE_ARRAYS:
             if self.fp8:
-                states[name] = dequantize_fp8(group[name][rows], group[f"{name}_scale"][rows])
+                states[name] = dequantize_fp8(shard.read(name, start, stop), shard.read(f"{name}_scale", start, stop))
             else:
-                states[name] = bits_to_bf16(group[name][rows])
-        return Sample(input_ids=group["input_ids"][rows], loss_mask=group["loss_mask"][rows],
+                states[name] = bits_to_bf16(shard.read(name, start, stop))
+        return Sample(input_ids=shard.read("input_ids", start, stop), loss_mask=shard.read("loss_mask", start, stop),
                       aux=states["aux"], final=states["final"], sample_id=int(sample_id))
 
     def __getstate__(self):

@@ -1,0 +1,111 @@
+"""The cache's direct shard reader (precompute/shardread.py) against zarr's own reading of the same files."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from eaglecache.precompute import shardread
+from eaglecache.precompute.reader import open_cache
+from eaglecache.precompute.store import PartWriter, create_or_check_cache
+
+A, H = 3, 24
+ZARR_OWN_PIPELINE = {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"}
+
+
+def _write_cache(path, *, codec="zstd", dtype="bfloat16", chunk_tokens=16, num_samples=14, seed=0):
+    meta = {"aux_layer_ids": [1, 2, 3], "final_layer_id": 4, "hidden_size": H, "dtype": dtype, "codec": codec,
+            "codec_level": 1, "chunk_tokens": chunk_tokens, "shard_tokens": 160, "num_parts": 1}
+    create_or_check_cache(path, meta)
+    writer = PartWriter(path, 0, 1, meta)
+    gen = torch.Generator().manual_seed(seed)
+    for sid in range(num_samples):
+        t = int(torch.randint(1, 60, (1,), generator=gen))
+        writer.add(sid, torch.randint(0, 1000, (t,), generator=gen).numpy().astype(np.int32),
+                   torch.randint(0, 2, (t,), generator=gen).numpy().astype(np.uint8),
+                   # random bits: every bf16 pattern, NaN payloads included
+                   torch.randint(-2**15, 2**15, (t, A, H), dtype=torch.int16, generator=gen).view(torch.bfloat16),
+                   (torch.randn(t, H, generator=gen) * 30).to(torch.bfloat16))
+    writer.close()
+    return open_cache(path)
+
+
+@pytest.mark.parametrize("codec,dtype", [("none", "bfloat16"), ("zstd", "bfloat16"), ("blosc-zstd", "bfloat16"),
+                                         ("zstd", "fp8_e4m3"), ("none", "fp8_e4m3")])
+def test_every_array_and_range_is_byte_equal_to_zarrs_read(tmp_path, codec, dtype):
+    cache = _write_cache(tmp_path, codec=codec, dtype=dtype)
+    rng = np.random.default_rng(0)
+    checked = set()
+    for index, shard_dir in enumerate(cache.shard_paths):
+        arrays = cache.shard(index)
+        with zarr.config.set(ZARR_OWN_PIPELINE):
+            group = zarr.open_group(shard_dir, mode="r")
+            for name in ("input_ids", "loss_mask", "aux", "final") + (("aux_scale", "final_scale") if cache.fp8 else ()):
+                assert isinstance(arrays.array(name), shardread.ShardArray), name  # not the zarr fallback
+                expected = group[name][...]
+                n = len(expected)
+                ranges = [(0, n), (0, 1), (n - 1, n), (n, n)] + [tuple(sorted(rng.integers(0, n + 1, 2))) for _ in range(20)]
+                for start, stop in ranges:
+                    got = arrays.read(name, int(start), int(stop))
+                    assert got.dtype == expected.dtype and got.shape == expected[start:stop].shape
+                    assert got.tobytes() == expected[start:stop].tobytes(), (name, start, stop)
+                    assert got.flags.writeable and got.flags.c_contiguous
+                checked.add(name)
+    assert {"aux", "final", "input_ids", "loss_mask"} <= checked
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_samples_equal_zarrs_slices_in_shuffled_order(tmp_path, codec):
+    cache = _write_cache(tmp_path, codec=codec, num_samples=20, seed=1)
+    order = np.random.default_rng(3).permutation(cache.sample_ids)
+    with zarr.config.set(ZARR_OWN_PIPELINE):
+        for sid in order:
+            i = cache._find(int(sid))
+            group = zarr.open_group(cache.shard_paths[int(cache._shard_of[i])], mode="r")
+            rows = slice(int(cache._start[i]), int(cache._start[i] + cache._length[i]))
+            sample = cache.read(int(sid))
+            assert np.array_equal(sample.input_ids, group["input_ids"][rows])
+            assert np.array_equal(sample.aux.view(torch.int16).numpy().view(np.uint16), group["aux"][rows])
+            assert np.array_equal(sample.final.view(torch.int16).numpy().view(np.uint16), group["final"][rows])
+
+
+def test_an_uncompressed_sample_is_one_read_of_exactly_its_bytes_per_array(tmp_path, monkeypatch):
+    cache = _write_cache(tmp_path, codec="none", chunk_tokens=8, num_samples=10, seed=2)
+    reads = []
+    original = shardread.ByteSource.read_into
+    monkeypatch.setattr(shardread.ByteSource, "read_into",
+                        lambda self, offset, buffer: (reads.append((str(self.path), len(buffer))),
+                                                      original(self, offset, buffer))[1])
+    sid = int(cache.sample_ids[5])
+    shard = cache.shard(int(cache._shard_of[cache._find(sid)]))
+    for name in ("input_ids", "loss_mask", "aux", "final"):
+        shard.array(name).index()  # each array's index: read once per shard, before its first sample
+    reads.clear()
+    sample = cache.read(sid)
+    t = len(sample.input_ids)
+    by_array = {path.split("/")[-2]: nbytes for path, nbytes in reads}
+    assert len(reads) == 4, reads
+    assert by_array == {"aux": t * A * H * 2, "final": t * H * 2, "input_ids": t * 4, "loss_mask": t}
+
+
+def test_a_layout_it_does_not_decode_is_read_through_zarr(tmp_path):
+    cache = _write_cache(tmp_path, codec="zstd", num_samples=4)
+    shard = cache.shard(0)
+    doc = shard.docs["aux"]
+    doc["codecs"][0]["configuration"]["codecs"][1] = {"name": "gzip", "configuration": {"level": 1}}
+    assert not shardread.supported(doc)
+    rows = slice(int(cache._start[0]), int(cache._start[0] + cache._length[0]))
+    fallback = shard.array("aux")
+    assert not isinstance(fallback, shardread.ShardArray)  # zarr reads it (its own metadata is unchanged)
+    assert np.array_equal(fallback.read(rows.start, rows.stop), zarr.open_group(cache.shard_paths[0], mode="r")["aux"][rows])
+
+
+def test_a_damaged_shard_index_is_an_error_not_wrong_data(tmp_path):
+    cache = _write_cache(tmp_path, codec="zstd", num_samples=4)
+    path = cache.shard_paths[0] / "final" / "c.0.0"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # inside the index
+    path.write_bytes(bytes(data))
+    fresh = open_cache(tmp_path)
+    with pytest.raises(OSError, match="CRC-32C"):
+        fresh.read(int(fresh.sample_ids[0]))
