@@ -229,6 +229,7 @@ def _write_sidecar(output: Path, input_path: Path, config, target_path, template
             "target_path": str(target_path), "target_weights_hash": weights_hash(target_path),
             "tokenizer_hash": template.tokenizer_hash, "chat_template_hash": template.chat_template_hash,
             "config": {"target": config.target.model_dump(mode="json"), "data": config.data.model_dump(mode="json")},
+            "compute_dtype": config.target.compute_dtype(),
             "report": report}
     side = output.with_name(output.name + ".json")
     tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")

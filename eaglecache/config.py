@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError
@@ -51,7 +51,10 @@ class TargetConfig(Section):
     weights_prefix: str = Field(
         "", description="Prefix of the text model's tensors in the checkpoint, e.g. 'language_model.' for MiniMax-M3."
     )
-    dtype: str = Field("bfloat16", description="Dtype the target runs in (vLLM and transformers).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype the target computes in (vLLM and transformers); auto: bfloat16 on CUDA and on "
+        "CPUs with native bf16 (AVX512_BF16 or AMX), float32 on other CPUs. The cache stores bf16 either way."
+    )
     max_model_len: Optional[int] = Field(
         None, description="Context length given to vLLM; null uses data.max_seq_length."
     )
@@ -74,12 +77,18 @@ class TargetConfig(Section):
     # memory sizing never changes what the target computes: artifacts do not record it
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("gpu_memory_utilization", "kv_cache_gib")
 
+    def compute_dtype(self, device: Optional[str] = None) -> str:
+        """``dtype`` resolved for ``device`` of this machine (CUDA when present, else the CPU)."""
+        from eaglecache.dtypes import resolve_dtype
+
+        return resolve_dtype(self.dtype, "target.dtype", device)
+
     def vllm_engine_args(self, tensor_parallel_size: Optional[int] = None) -> dict[str, Any]:
         """The `vllm.LLM` / `EngineArgs` arguments these settings stand for (a stage's TP size, if it sets one)."""
         import torch
 
         eager = (not torch.cuda.is_available()) if self.enforce_eager is None else self.enforce_eager
-        args = {"dtype": self.dtype, "tensor_parallel_size": tensor_parallel_size or self.tensor_parallel_size,
+        args = {"dtype": self.compute_dtype(), "tensor_parallel_size": tensor_parallel_size or self.tensor_parallel_size,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": eager}
         if self.kv_cache_gib is not None:
             args["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))

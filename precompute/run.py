@@ -78,6 +78,7 @@ def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_p
         "vllm_version": vllm.__version__,
         "tensor_parallel_size": pc.tensor_parallel_size or config.target.tensor_parallel_size,
         "dtype": "fp8_e4m3" if pc.fp8 else "bfloat16",
+        "compute_dtype": config.target.compute_dtype(),  # what the target computed in; stored bits are the same kind
         "codec": pc.codec,
         "codec_level": pc.codec_level,
         "chunk_tokens": pc.chunk_tokens,

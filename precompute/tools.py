@@ -42,6 +42,7 @@ def run_info(config, args) -> int:
     print(f"layers     aux {meta['aux_layer_ids']} + final {meta['final_layer_id']} (pre-norm); {meta['layer_convention']}")
     print(f"storage    {meta['dtype']}, codec {meta['codec']} level {meta['codec_level']}, "
           f"{meta['chunk_tokens']} tokens/chunk, ~{meta['shard_tokens']} tokens/shard")
+    print(f"computed   in {meta.get('compute_dtype', 'an unrecorded dtype')} by the target")
     print(f"data       dataset {str(meta['dataset_hash'])[:12]} ({meta['dataset_num_samples']} samples), "
           f"tokenizer {meta['tokenizer_hash'][:12]}, chat template {meta['chat_template_hash'][:12]}")
     print(f"made by    vLLM {meta['vllm_version']}, TP {meta['tensor_parallel_size']}")

@@ -132,7 +132,7 @@ def test_model_is_a_real_language_model_clearly_below_unigram(tiny_target, token
     report = json.loads((tiny_target / BUILD_REPORT).read_text())
     assert report["steps"] > 0
     assert report["loss"]["heldout"] < report["loss"]["unigram_heldout"] - 1.0
-    assert report["loss"]["heldout_bf16"] < report["loss"]["unigram_heldout"] - 1.0
+    assert report["compute_dtype"] == "float32"  # the same build on every CPU
     # Recomputed here on held-out conversations (whole windows from their start), not read back.
     windows, train_tokens = _heldout_windows(tokenizer, tiny_target, count=6, length=256)
     with torch.no_grad():

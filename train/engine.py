@@ -30,15 +30,18 @@ def accumulation_steps(train, world_size: int) -> int:
     return train.global_batch_size // per_pass
 
 
-def deepspeed_config(train, world_size: int, total_steps: int) -> dict[str, Any]:
-    """The DeepSpeed config of a run with ``total_steps`` optimizer steps."""
+def deepspeed_config(train, world_size: int, total_steps: int, compute_dtype: str) -> dict[str, Any]:
+    """The DeepSpeed config of a run with ``total_steps`` optimizer steps in ``compute_dtype``.
+
+    ``compute_dtype`` is ``train.dtype`` resolved for this machine (eaglecache.dtypes).
+    """
     warmup = max(1, int(round(train.warmup_ratio * total_steps)))
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps(train, world_size),
         "gradient_clipping": train.max_grad_norm,
-        "bf16": {"enabled": train.dtype == "bfloat16"},
+        "bf16": {"enabled": compute_dtype == "bfloat16"},
         "zero_optimization": {
             "stage": 3,
             "contiguous_gradients": True,

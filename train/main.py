@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from eaglecache.dtypes import TORCH_DTYPES, resolve_dtype
 from eaglecache.errors import UserError
 
 log = logging.getLogger("eaglecache.train")
@@ -75,7 +76,8 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
     from eaglecache.train.ttt import TTTSettings
 
     tc = config.train
-    dtype = torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32
+    compute_dtype = resolve_dtype(tc.dtype, "train.dtype", device.type)
+    dtype = TORCH_DTYPES[compute_dtype]
     draft, aux_indices = build_draft(config, target_dir, source.metadata, vocab_path, dtype)
     draft.settings = TTTSettings(ttt_length=tc.ttt_length, ttt_decay=tc.ttt_decay,
                                  loss_chunk_tokens=tc.loss_chunk_tokens,
@@ -91,21 +93,22 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
     loader = StreamingLoader(source, plan, rank=rank, max_seq_length=max_seq_length, total_steps=total_steps,
                              aux_indices=aux_indices,
                              workers=tc.loader_workers, prefetch=tc.prefetch, pin_memory=device.type == "cuda")
-    engine = create_engine(draft.to(device), deepspeed_config(tc, world_size, total_steps), run_dir)
+    engine = create_engine(draft.to(device), deepspeed_config(tc, world_size, total_steps, compute_dtype), run_dir)
     start_step = load_checkpoint(engine, loader, run_dir)
     if rank == 0:
         write_run_json(run_dir, source_fingerprint=source_fingerprint(source), world_size=world_size,
                        total_steps=total_steps, config_hash=run_fingerprint(config))
-        log.info("training %d steps from step %d: %d samples, global batch %d, %d rank(s) x GA %d",
+        log.info("training %d steps from step %d: %d samples, global batch %d, %d rank(s) x GA %d, %s",
                  total_steps, start_step, len(plan.sample_ids), tc.global_batch_size, world_size,
-                 plan.accumulation_steps)
+                 plan.accumulation_steps, compute_dtype)
     last = run_loop(engine, loader, run_dir=run_dir, train=tc, start_step=start_step, total_steps=total_steps,
                     device=device, rank=rank, world_size=world_size)
     extra = None
     if draft.arch.reduced_vocab:
         extra = {"d2t": draft.lm_head.d2t.cpu(), "t2d": draft.lm_head.t2d.cpu()}
     provenance = {"source": source_fingerprint(source), "config_hash": run_fingerprint(config),
-                  "steps": total_steps, "vocab": str(vocab_path) if vocab_path else None}
+                  "steps": total_steps, "vocab": str(vocab_path) if vocab_path else None,
+                  "compute_dtype": compute_dtype}
     final = save_final(engine, run_dir, draft.arch.to_json(), extra, provenance)
     if rank == 0:
         _print_summary(last, final, total_steps)

@@ -12,7 +12,7 @@ runs the target once and returns exactly what precompute stores:
 - both cast to bf16, as the cache stores them.
 
 For equivalence checks and for users without disk for a cache; the target runs
-in ``target.dtype`` on the training device, one sample at a time under a lock.
+in ``target.dtype`` (resolved for the training device) one sample at a time under a lock.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 class OnlineFeatures:
     thread_safe = True  # one model, one lock: loader threads share this object
@@ -35,14 +33,16 @@ class OnlineFeatures:
 
         from eaglecache import target
         from eaglecache.data.schema import open_dataset
+        from eaglecache.dtypes import TORCH_DTYPES
 
         self.dataset = open_dataset(data_dir)
         num_layers = target.target_layer_count(target_dir)
         self.aux_layer_ids = list(config.precompute.aux_layer_ids or target.default_aux_layer_ids(num_layers))
         tcfg = target.target_config(target_dir)
         self.device = device
+        compute_dtype = config.target.compute_dtype(device.type)
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(target_dir), dtype=DTYPES.get(config.target.dtype, torch.bfloat16)).to(device).eval()
+            str(target_dir), dtype=TORCH_DTYPES[compute_dtype]).to(device).eval()
         self._final: list[torch.Tensor] = []
         self._last_layer(self.model).register_forward_hook(self._capture_final)
         self._lock = threading.Lock()
@@ -53,6 +53,7 @@ class OnlineFeatures:
             "hidden_size": int(tcfg["hidden_size"]), "vocab_size": int(tcfg["vocab_size"]),
             "dataset_hash": self.dataset.metadata.get("dataset_hash"),
             "target_weights_hash": target.weights_hash(target_dir), "dtype": "bfloat16", "source": "online",
+            "compute_dtype": compute_dtype,
         }
 
     @staticmethod

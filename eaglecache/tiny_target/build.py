@@ -80,7 +80,6 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
         losses = pretrain.pretrain(model, train_seqs, spec, progress=progress)
         train_s = time.monotonic() - train_start
         heldout_loss = pretrain.next_token_loss(model, eval_seqs)
-        heldout_loss_bf16 = pretrain.next_token_loss(model, eval_seqs, bf16=True)
         unigram_entropy, unigram_heldout = pretrain.unigram_baseline(train_seqs, eval_seqs, spec.vocab_size)
 
     model.save_pretrained(output, safe_serialization=True)
@@ -102,6 +101,8 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
         "code_hash": source_hash(),
         "sharegpt": {"path": str(sharegpt), "sha256": file_sha256(sharegpt)},
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "compute_dtype": "float32",  # pretraining and the loss report, on every machine (pretrain.py says why)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "steps": spec.steps,
         "train_tokens": spec.steps * spec.batch_size * spec.seq_len,
         "train_conversations": len(train_indices),
@@ -112,7 +113,6 @@ def build_tiny_target(spec: TinyTargetSpec, output: Path, progress: bool = True)
             "first_train": losses[0] if losses else None,
             "last_train": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "heldout": heldout_loss,
-            "heldout_bf16": heldout_loss_bf16,
             "unigram_entropy": unigram_entropy,
             "unigram_heldout": unigram_heldout,
             "margin_vs_unigram": unigram_heldout - heldout_loss,
@@ -199,9 +199,10 @@ def ensure_tiny_target(force: bool = False, output: Path | None = None, progress
 def format_report(report: dict) -> str:
     loss = report["loss"]
     return (
-        f"tiny target: {report['num_parameters'] / 1e6:.1f}M parameters, {report['steps']} steps, "
-        f"{report['train_tokens']:,} training tokens, built in {report['wall_s']['total']:.0f} s\n"
-        f"held-out next-token loss {loss['heldout']:.3f} nats (bf16 {loss['heldout_bf16']:.3f}) vs "
+        f"tiny target: {report['num_parameters'] / 1e6:.1f}M parameters, {report['steps']} steps in "
+        f"{report.get('compute_dtype', 'float32')}, {report['train_tokens']:,} training tokens, "
+        f"built in {report['wall_s']['total']:.0f} s\n"
+        f"held-out next-token loss {loss['heldout']:.3f} nats vs "
         f"unigram {loss['unigram_heldout']:.3f} (margin {loss['margin_vs_unigram']:.3f}); "
         f"uniform {loss['uniform']:.3f}"
     )
