@@ -41,7 +41,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The two arguments every stage takes: a YAML file and dotted overrides."""
     parser.add_argument(
         "--config", metavar="FILE", default=None,
-        help="YAML config (default: configs/tiny.yaml, the embedded CPU target).",
+        help="YAML config file, or a packaged config by name: tiny (the default: the embedded CPU target) "
+             "or minimax_m3 (the seed's production settings).",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",

@@ -10,6 +10,7 @@ keys, wrong types and missing files raise ``UserError`` naming the key or path.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import re
 from pathlib import Path
@@ -40,8 +41,24 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+# The configs ship in the package as eaglecache.configs (the repository's configs/ in a checkout), so
+# commands find them from any directory after a plain `pip install`.
+CONFIGS_DIR = Path(str(importlib.resources.files("eaglecache.configs")))
+PACKAGED_CONFIGS = {"tiny": CONFIGS_DIR / "tiny.yaml", "minimax_m3": CONFIGS_DIR / "minimax_m3" / "config.yaml"}
+DEFAULT_CONFIG = PACKAGED_CONFIGS["tiny"]
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """A config file: an existing path, else a packaged config's name (``tiny``, ``minimax_m3``), else an error."""
+    if path is None:
+        return DEFAULT_CONFIG
+    given = Path(path)
+    if given.is_file():
+        return given
+    packaged = PACKAGED_CONFIGS.get(str(path).removesuffix(".yaml"))
+    if packaged is not None:
+        return packaged
+    raise UserError(f"config file not found: {path} (packaged configs: {', '.join(PACKAGED_CONFIGS)})")
 
 
 class TargetConfig(Section):
@@ -146,10 +163,8 @@ def _format_validation_error(exc: ValidationError) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (configs/tiny.yaml when ``path`` is None) and apply dotted overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+    """Load a YAML config (a file, or a packaged config's name; ``tiny`` when None) and apply overrides."""
+    path = resolve_config_path(path)
     try:
         tree = yaml_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

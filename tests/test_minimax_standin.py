@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eaglecache.config import REPO_ROOT, load_config
+from eaglecache.config import PACKAGED_CONFIGS, load_config
 from eaglecache.errors import UserError
 from eaglecache.precompute.reader import open_cache
 from eaglecache.precompute.store import PartWriter, create_or_check_cache
@@ -171,7 +171,7 @@ def test_trains_with_the_minimax_config_from_a_standin_cache_and_exports(tmp_pat
 
     root, text = standin
     rank, world, device = single_rank
-    config = load_config(REPO_ROOT / "configs" / "minimax_m3" / "config.yaml",
+    config = load_config(PACKAGED_CONFIGS["minimax_m3"],
                          [f"target.path={root}", "train.global_batch_size=2", "train.max_seq_length=24",
                           "train.loss_chunk_tokens=16", "train.loader_workers=1", "train.checkpoint_interval=100",
                           "train.log_interval=1", "train.lr=3e-3", "train.warmup_ratio=0.0"])

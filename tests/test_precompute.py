@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eaglecache.config import load_config
+from eaglecache.dtypes import TORCH_DTYPES
 from eaglecache.data.schema import open_dataset, write_dataset
 from eaglecache.precompute.reader import open_cache
 
@@ -62,7 +63,10 @@ def test_stored_states_are_transformers_hidden_states(setup, one_job, tiny_targe
     assert list(cache.sample_ids) == list(range(len(dataset)))
     assert meta["final_layer_id"] == meta["num_hidden_layers"] and meta["final_prenorm"] is True
     assert len(meta["aux_layer_ids"]) == 3 and meta["tensor_parallel_size"] == 1
-    model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.bfloat16).eval()
+    # the target computes in the machine's dtype (bf16 only where native); transformers does the same here
+    compute_dtype = setup[0].target.compute_dtype()
+    assert meta["compute_dtype"] == compute_dtype and meta["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=TORCH_DTYPES[compute_dtype]).eval()
     for sample_id in cache.sample_ids:
         stored, prepared = cache.read(sample_id), dataset.sample(int(sample_id))
         assert np.array_equal(stored.input_ids, prepared["input_ids"])
@@ -74,7 +78,7 @@ def test_stored_states_are_transformers_hidden_states(setup, one_job, tiny_targe
         pairs.append((after_norm, out.hidden_states[-1][0]))  # HF's last entry is post-norm
         for got, ref in pairs:
             got, ref = got.float(), ref.float()
-            # bf16 keeps 8 mantissa bits; vLLM's and transformers' kernels round differently
+            # stored bf16 keeps 8 mantissa bits; vLLM's and transformers' kernels round differently
             assert (got - ref).norm() <= 0.02 * ref.norm(), f"sample {sample_id}"
             assert (got - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-2, f"sample {sample_id}"
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from eaglecache.config import load_config
+from eaglecache.dtypes import TORCH_DTYPES
 from eaglecache.precompute.reader import open_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -39,7 +40,9 @@ def test_online_features_are_the_caches(online, tiny_cache, tiny_target):
     cache = open_cache(tiny_cache)
     assert online.metadata["aux_layer_ids"] == cache.metadata["aux_layer_ids"]
     assert list(online.sample_ids) == list(cache.sample_ids)
-    model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.bfloat16).eval()
+    compute_dtype = load_config().target.compute_dtype()
+    assert online.metadata["compute_dtype"] == compute_dtype == cache.metadata["compute_dtype"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=TORCH_DTYPES[compute_dtype]).eval()
     for sample_id in cache.sample_ids[:4]:
         live, stored = online.read(sample_id), cache.read(sample_id)
         assert np.array_equal(live.input_ids, stored.input_ids) and np.array_equal(live.loss_mask, stored.loss_mask)
@@ -47,7 +50,7 @@ def test_online_features_are_the_caches(online, tiny_cache, tiny_target):
             last = model(torch.from_numpy(live.input_ids.astype(np.int64))[None],
                          output_hidden_states=True).hidden_states[-1][0]
             assert torch.allclose(model.model.norm(live.final[None])[0].float(), last.float(), atol=0.05, rtol=0.02)
-        for got, ref in ((live.aux, stored.aux), (live.final, stored.final)):  # transformers vs vLLM, both bf16
+        for got, ref in ((live.aux, stored.aux), (live.final, stored.final)):  # transformers vs vLLM, stored as bf16
             got, ref = got.float(), ref.float()
             assert (got - ref).norm() <= 0.02 * ref.norm(), sample_id
 
