@@ -4,8 +4,7 @@
 #   bash configs/minimax_m3/serve.sh
 #   DRY_RUN=1 bash configs/minimax_m3/serve.sh    # print the command only
 set -euo pipefail
-REPO="${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
-CONFIG="${CONFIG:-$REPO/configs/minimax_m3/config.yaml}"
+CONFIG="${CONFIG:-minimax_m3}"  # a file, or the packaged config of that name (eaglecache config list)
 DRAFT="${DRAFT:-/data/eaglecache/minimax_m3/draft}"
 PORT="${PORT:-8000}"
 HOST="${HOST:-127.0.0.1}"

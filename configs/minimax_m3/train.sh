@@ -7,8 +7,7 @@
 #   bash configs/minimax_m3/train.sh
 #   DRY_RUN=1 bash configs/minimax_m3/train.sh     # print the commands only
 set -euo pipefail
-REPO="${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
-CONFIG="${CONFIG:-$REPO/configs/minimax_m3/config.yaml}"
+CONFIG="${CONFIG:-minimax_m3}"  # a file, or the packaged config of that name (eaglecache config list)
 CACHE="${CACHE:-/data/eaglecache/minimax_m3/cache}"
 RUN="${RUN:-/data/eaglecache/minimax_m3/runs/draft}"
 HOSTFILE="${HOSTFILE:-/etc/eaglecache/hostfile}"
