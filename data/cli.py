@@ -1,23 +1,27 @@
 """``eaglecache data prepare|regenerate|vocab``: the data stage's commands."""
 
+from eaglecache import outputs
 from eaglecache.cli import add_command
 
 
 def _prepare(config, args):
     from eaglecache.data.prepare import run_prepare
 
+    outputs.claim_output(args.output, args.overwrite, "data prepare", outputs.prepared_dataset)
     return run_prepare(config, args)
 
 
 def _regenerate(config, args):
     from eaglecache.data.regenerate import run_regenerate
 
+    outputs.claim_output(args.output, args.overwrite, "data regenerate", outputs.regenerated_file, kind="file")
     return run_regenerate(config, args)
 
 
 def _vocab(config, args):
     from eaglecache.data.vocab import run_vocab
 
+    outputs.claim_output(args.output, args.overwrite, "data vocab", outputs.vocab_file, kind="file")
     return run_vocab(config, args)
 
 
@@ -29,12 +33,15 @@ def register(subparsers) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="ShareGPT JSON, messages JSONL or Parquet files.")
     p.add_argument("--output", required=True, metavar="DIR", help="Parquet dataset directory to write.")
+    outputs.add_overwrite_flag(p)
     p = add_command(sub, "regenerate", _regenerate,
                     "Replace every assistant turn with the target's own answer (vLLM), turn by turn.")
     p.add_argument("--input", required=True, metavar="PATH", help="Conversations (any format prepare reads).")
     p.add_argument("--output", required=True, metavar="PATH", help="Messages JSONL file to write.")
+    outputs.add_overwrite_flag(p)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="Regenerate only the first N conversations.")
     p = add_command(sub, "vocab", _vocab,
                     "Build the reduced draft vocabulary (d2t/t2d) from loss-masked token frequencies.")
     p.add_argument("--input", required=True, metavar="DIR", help="Prepared Parquet dataset.")
     p.add_argument("--output", required=True, metavar="PATH", help="Vocab mapping file (.safetensors) to write.")
+    outputs.add_overwrite_flag(p)

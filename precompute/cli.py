@@ -1,11 +1,13 @@
 """``eaglecache precompute`` and ``eaglecache cache info|verify``: the precompute stage's commands."""
 
+from eaglecache import outputs
 from eaglecache.cli import add_command
 
 
 def _precompute(config, args):
     from eaglecache.precompute.run import run_precompute
 
+    outputs.claim_output(args.output, args.overwrite, "precompute", outputs.feature_cache)
     return run_precompute(config, args)
 
 
@@ -37,6 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--num-shards", type=int, default=None, metavar="N",
                    help="Number of independent jobs splitting the data set (overrides precompute.num_shards).")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="Only the first N samples (smoke tests).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace --output when it is not a feature cache (it is removed first); a cache, "
+                        "this job's part included, is resumed as without it. In a job array remove such a "
+                        "directory before submitting instead: every task would remove it.")
 
     cache = subparsers.add_parser("cache", help="Inspect and check a feature cache.")
     sub = cache.add_subparsers(dest="cache_command", metavar="COMMAND", required=True)

@@ -1,17 +1,20 @@
 """``eaglecache export|bench|serve|demo``: the serve stage's commands."""
 
+from eaglecache import outputs
 from eaglecache.cli import add_command
 
 
 def _export(config, args):
     from eaglecache.serve.export import run_export
 
+    outputs.claim_output(args.output, args.overwrite, "export", outputs.export_dir)
     return run_export(config, args)
 
 
 def _bench(config, args):
     from eaglecache.serve.bench import run_bench
 
+    outputs.claim_output(args.output, args.overwrite, "bench", outputs.bench_results)
     return run_bench(config, args)
 
 
@@ -24,6 +27,7 @@ def _serve(config, args):
 def _demo(config, args):
     from eaglecache.serve.demo import run_demo
 
+    outputs.claim_output(args.output, args.overwrite, "demo", outputs.demo_dir)
     return run_demo(config, args)
 
 
@@ -31,12 +35,14 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "export", _export, "Turn a training checkpoint into a draft directory vLLM loads.")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="Training run directory or checkpoint.")
     p.add_argument("--output", required=True, metavar="DIR", help="Draft directory to write.")
+    outputs.add_overwrite_flag(p)
     p = add_command(subparsers, "bench", _bench,
                     "Measure acceptance (mean accept length, draft accept rate, per-position rate) in vLLM.")
     p.add_argument("--draft", required=True, metavar="DIR", help="Exported draft directory.")
     p.add_argument("--prompts", nargs="+", required=True, metavar="SET",
                    help="Prompt sets: 'humaneval', 'sharegpt-heldout', or JSONL files of prompts/messages.")
     p.add_argument("--output", required=True, metavar="DIR", help="Where results.md, results.json and the plot go.")
+    outputs.add_overwrite_flag(p)
     p.add_argument("--untrained-baseline", action="store_true",
                    help="Also benchmark a randomly initialised draft of the same shape (the no-training reference).")
     p = add_command(subparsers, "serve", _serve, "Start `vllm serve` for the target with the draft.")
@@ -46,3 +52,4 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "demo", _demo,
                     "End to end on the embedded tiny target: data, regenerate, precompute, train, export, bench.")
     p.add_argument("--output", required=True, metavar="DIR", help="Working directory for every stage's output.")
+    outputs.add_overwrite_flag(p)

@@ -1,17 +1,20 @@
 """``eaglecache train``: launches the DeepSpeed trainer over the feature cache."""
 
+from eaglecache import outputs
 from eaglecache.cli import add_command
 
 
 def _train(config, args):
     from eaglecache.train.launch import run_train
 
+    outputs.claim_output(args.output, args.overwrite, "train", outputs.train_run)
     return run_train(config, args)
 
 
 def _ablate(config, args):
     from eaglecache.train.ablate import run_ablate
 
+    outputs.claim_output(args.output, args.overwrite, "ablate", outputs.ablation)
     return run_ablate(config, args)
 
 
@@ -25,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="Prepared Parquet dataset, for train.source=online.")
     p.add_argument("--output", required=True, metavar="DIR", help="Run directory: checkpoints, logs, final weights.")
+    outputs.add_overwrite_flag(p)
     p.add_argument("--vocab", metavar="PATH", default=None, help="Draft vocab mapping from `eaglecache data vocab`.")
 
     p = add_command(subparsers, "ablate", _ablate,
@@ -32,6 +36,7 @@ def register(subparsers) -> None:
                     "tabulate and plot the results.")
     p.add_argument("--cache", required=True, metavar="DIR", help="Feature cache shared by every variant.")
     p.add_argument("--output", required=True, metavar="DIR", help="One run directory per variant, plus results.")
+    outputs.add_overwrite_flag(p)
     p.add_argument("--grid", action="append", metavar="KEY=[V1,V2]",
                    help="A train.* key and its values; repeat for a grid (cartesian product).")
     p.add_argument("--grid-file", metavar="FILE", default=None, help="YAML mapping of train.* keys to value lists.")

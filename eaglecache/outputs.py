@@ -1,0 +1,148 @@
+"""Claiming a command's output path before anything is written: ``claim_output`` and ``--overwrite``.
+
+Every command that writes a file or directory calls ``claim_output`` from its CLI handler, before
+any engine starts. A missing path, an empty directory, or what the same command wrote there
+before (each command's ``owns`` test below: its own finished output, or its own unfinished one that
+it resumes) goes through untouched; the command then writes, replaces or resumes it as it always
+did. Anything else (unrelated files, another stage's output, a file where a directory goes) is
+refused with one line naming the path, unless ``--overwrite`` is given: then it is removed first.
+
+The ``owns`` tests look only at names and format markers, never at array data, so they are
+instant; they are deliberately narrow (a directory holding one unknown name is not ours) because
+the cost of a wrong "ours" is deleting or mixing into a user's files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from eaglecache.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Owns = Callable[[Path], bool]
+
+
+def add_overwrite_flag(parser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace --output even when it holds something this command did not write "
+                             "(it is removed first). Without it such an output is refused.")
+
+
+def claim_output(path: str | Path, overwrite: bool, command: str, owns: Owns, kind: str = "dir") -> Path:
+    """Check that ``path`` may be written by ``eaglecache <command>``; with ``overwrite``, clear it if not.
+
+    ``kind`` is "dir" or "file": what the command writes at ``path``.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if kind == "dir" and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return path
+    is_kind = path.is_dir() if kind == "dir" else path.is_file()
+    if is_kind and _owns(owns, path):
+        return path
+    if not overwrite:
+        raise UserError(f"{path} exists and was not written by `eaglecache {command}` "
+                        "(use --overwrite to replace it)")
+    _remove(path)
+    return path
+
+
+def _owns(owns: Owns, path: Path) -> bool:
+    try:
+        return bool(owns(path))
+    except (OSError, ValueError, UnicodeDecodeError):  # unreadable markers: not provably ours
+        return False
+
+
+def _remove(path: Path) -> None:
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise UserError(f"will not remove {path} for --overwrite: it holds the current or home directory")
+    log.warning("--overwrite: removing %s", path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+# --- what each command counts as its own output ---------------------------------------------------
+
+def _json_format(path: Path, format_: str) -> bool:
+    return path.is_file() and json.loads(path.read_text()).get("format") == format_
+
+
+def _entries(path: Path) -> set[str]:
+    """Names in ``path``, leaving out the dot-files commands use for temporaries."""
+    return {p.name for p in path.iterdir() if not p.name.startswith(".")}
+
+
+def prepared_dataset(path: Path) -> bool:
+    from eaglecache.data.schema import DATASET_FORMAT, METADATA_FILE
+
+    return _json_format(path / METADATA_FILE, DATASET_FORMAT)
+
+
+def regenerated_file(path: Path) -> bool:
+    return _json_format(path.with_name(path.name + ".json"), "eaglecache.regenerated")
+
+
+def vocab_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    from eaglecache.data.vocab import VOCAB_FORMAT
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return (f.metadata() or {}).get("format") == VOCAB_FORMAT
+    except Exception:  # safetensors' own error type for a file that is not safetensors
+        return False
+
+
+def feature_cache(path: Path) -> bool:
+    """A cache (any settings: precompute itself refuses one made with others, or resumes its own)."""
+    from eaglecache.precompute.store import CACHE_FILE, FORMAT
+
+    return _json_format(path / CACHE_FILE, FORMAT)
+
+
+TRAIN_RUN_ENTRIES = {"config.yaml", "run.json", "deepspeed.json", "metrics.jsonl", "tb", "checkpoints", "final",
+                     "variant.json"}
+
+
+def train_run(path: Path) -> bool:
+    """A run directory: train writes config.yaml before anything else, then only these names."""
+    return (path / "config.yaml").is_file() and _entries(path) <= TRAIN_RUN_ENTRIES
+
+
+def ablation(path: Path) -> bool:
+    """Results files and one run directory per variant (an empty one: a variant that failed to start)."""
+    for name in _entries(path):
+        entry = path / name
+        if name in ("results.md", "results.csv", "ablation.png"):
+            continue
+        if not entry.is_dir() or (any(entry.iterdir()) and not train_run(entry)):
+            return False
+    return True
+
+
+def export_dir(path: Path) -> bool:
+    return (path / "export.json").is_file()
+
+
+def bench_results(path: Path) -> bool:
+    return _entries(path) <= {"results.json", "results.md", "acceptance.png", "untrained-draft"}
+
+
+DEMO_ENTRIES = {"config.yaml", "sharegpt-subset.jsonl", "commands.sh", "regenerated.jsonl", "regenerated.jsonl.json",
+                "dataset", "cache", "run", "draft", "bench", "summary.txt"}
+
+
+def demo_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and _entries(path) <= DEMO_ENTRIES
