@@ -31,6 +31,7 @@ import numpy as np
 
 _MISSING = np.uint64(2**64 - 1)  # an inner chunk never written: all fill value
 _INDEX_ENTRY_BYTES = 16
+WHOLE_FILE_BYTES = 4 << 20  # arrays this small (token ids, masks, FP8 scales) are read whole, once per shard
 
 
 def _little_bytes(codec: dict) -> bool:
@@ -82,11 +83,14 @@ class ByteSource:
         self.path = path
         self._fd: int | None = None
         self._fs = fs  # the fsspec filesystem of a URL (the reader's, with its settings)
+        self._size: int | None = None
         if isinstance(path, Path):
             self._fd = os.open(path, os.O_RDONLY)
 
     def size(self) -> int:
-        return os.fstat(self._fd).st_size if self._fd is not None else int(self._fs.size(self.path))
+        if self._size is None:
+            self._size = os.fstat(self._fd).st_size if self._fd is not None else int(self._fs.size(self.path))
+        return self._size
 
     def read(self, offset: int, nbytes: int) -> bytes | bytearray | memoryview:
         buffer = bytearray(nbytes)
@@ -130,6 +134,8 @@ class ShardArray:
         self.source = ByteSource(path, fs)
         self._index: np.ndarray | None = None
         self._last: tuple[int, np.ndarray] | None = None  # the last decoded chunk: neighbours share edge chunks
+        self._small: bool | None = None  # whether the file is small enough to read whole
+        self._whole: np.ndarray | None = None  # a small array (ids, mask, scales), decoded at its first read
 
     def index(self) -> np.ndarray:
         """(offset, nbytes) per inner chunk, checked against the index's CRC-32C as zarr checks it."""
@@ -148,6 +154,16 @@ class ShardArray:
         out_shape = (stop - start,) + self.row_shape
         if stop == start:
             return np.zeros(out_shape, self.dtype)
+        if self._small is None:
+            self._small = self.source.size() <= WHOLE_FILE_BYTES
+        if self._small:
+            if self._whole is None:
+                self._whole = self._read_rows(0, self.shape[0])
+            return self._whole[start:stop].copy()
+        return self._read_rows(start, stop)
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
+        out_shape = (stop - start,) + self.row_shape
         first, last = start // self.rows_per_chunk, (stop - 1) // self.rows_per_chunk
         entries = self.index()[first:last + 1]
         offsets, sizes = entries[:, 0], entries[:, 1]
