@@ -1,8 +1,8 @@
 """Base class of every config section: unknown keys are errors, types are checked.
 
 Fields are declared once, with their type, default, unit and a one-line
-description; ``eaglecache <stage> --help`` and docs/configuration.md read the
-descriptions from here.
+description; ``eaglecache config show`` prints each key with its description
+from here.
 """
 
 from pydantic import BaseModel, ConfigDict

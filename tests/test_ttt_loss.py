@@ -2,7 +2,8 @@
 
 The reference below shares no code with train/: it reads the raw (unshifted)
 sample, applies the load-time shift by indexing, computes attention one query
-at a time over the keys the design notes list, and the loss with full logits.
+at a time over the keys TTT step k sees (the causal step-0 keys 0..t, plus the
+keys of steps 1..k at position t), and the loss with full logits.
 """
 
 import math
