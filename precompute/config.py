@@ -2,9 +2,18 @@
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from eaglecache.section import Section
+
+
+def strictly_ascending(layer_ids: Optional[list[int]]) -> Optional[list[int]]:
+    """Aux layer ids as vLLM orders them: it concatenates the aux states in ascending layer order, so a
+    draft trained on any other order (or a repeated layer) gets a permutation of what serving feeds it."""
+    if layer_ids is not None and any(a >= b for a, b in zip(layer_ids, layer_ids[1:])):
+        raise ValueError(f"layer ids must be strictly ascending (vLLM concatenates aux states in that order), "
+                         f"e.g. {sorted(set(layer_ids))}")
+    return layer_ids
 
 
 class PrecomputeConfig(Section):
@@ -28,3 +37,5 @@ class PrecomputeConfig(Section):
     )
     num_shards: int = Field(1, ge=1, description="Number of independent precompute jobs the data set is split into.")
     shard_index: int = Field(0, ge=0, description="Which of the num_shards parts this job writes.")
+
+    _aux_order = field_validator("aux_layer_ids")(strictly_ascending)

@@ -1,5 +1,6 @@
 """The config schema and the command line: clear errors, exit code 2, dotted overrides."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,19 @@ def test_exponent_floats_without_a_dot_are_numbers():
     assert parse_override("train.lr=1e-4") == ("train.lr", 1e-4)
     assert parse_override("x.y=[3e-4,2]") == ("x.y", [3e-4, 2])
     assert parse_override("x.y=abc") == ("x.y", "abc")
+
+
+@pytest.mark.parametrize("key", ["train.draft.aux_layer_ids", "precompute.aux_layer_ids"])
+@pytest.mark.parametrize("ids", ["[30,2,57]", "[2,30,30]", "[5,4]"])
+def test_aux_layer_ids_out_of_ascending_order_are_refused(key, ids):
+    """vLLM concatenates the aux states in ascending layer order: any other order would train fc on
+    a permutation of what serving feeds it."""
+    with pytest.raises(UserError, match=re.escape(f"config key {key}: ") + ".*strictly ascending"):
+        load_config(None, [f"{key}={ids}"])
+    assert load_config(None, [f"{key}=[2,30,57]"])  # ascending stays valid
+
+
+def test_cli_aux_layer_ids_out_of_order_is_one_line_and_exit_2(capsys):
+    assert main(["train", "--output", "x", "train.draft.aux_layer_ids=[4,2]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "strictly ascending" in err and "\n" not in err

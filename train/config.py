@@ -2,8 +2,9 @@
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from eaglecache.precompute.config import strictly_ascending
 from eaglecache.section import Section
 
 
@@ -14,6 +15,8 @@ class DraftConfig(Section):
     aux_layer_ids: Optional[list[int]] = Field(
         None, description="Aux layers feeding the draft (a subset of the cache's); null uses all three stored."
     )
+
+    _aux_order = field_validator("aux_layer_ids")(strictly_ascending)
 
 
 class LauncherConfig(Section):
