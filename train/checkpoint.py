@@ -66,12 +66,17 @@ NOT_RESULT_KEYS = ("launcher", "log_interval", "checkpoint_interval", "keep_chec
 
 
 def run_fingerprint(config) -> str:
-    """sha256 of the settings a resumed run must share with the run it continues."""
+    """sha256 of the settings a resumed run must share with the run it continues.
+
+    Left out: the target's memory sizing (``TargetConfig.RUNTIME_ONLY``: how much memory vLLM takes, never
+    what it computes) and the train settings of NOT_RESULT_KEYS. Kept: everything that can change the
+    weights even in the last bit (the attention kernel, loss chunking, gradient checkpointing, dtype)."""
     import hashlib
 
     tree = config.to_dict()
+    target = {k: v for k, v in tree["target"].items() if k not in type(config.target).RUNTIME_ONLY}
     train = {k: v for k, v in tree["train"].items() if k not in NOT_RESULT_KEYS}
-    return hashlib.sha256(json.dumps({"target": tree["target"], "train": train}, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps({"target": target, "train": train}, sort_keys=True).encode()).hexdigest()
 
 
 def committed_steps(run_dir: Path) -> list[int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ def check_inputs(config, args) -> None:
             raise UserError(f"{args.cache} was computed from another target than {config.target.path} "
                             "(target_weights_hash differs)")
         num_samples = len(cache.sample_ids)
+        from eaglecache.train.main import aux_indices
+
+        aux_indices(tc.draft.aux_layer_ids, cache.metadata["aux_layer_ids"])
     else:
         from eaglecache.data.schema import open_dataset
 
@@ -148,11 +152,26 @@ def run_train(config, args) -> int:
     finally:
         if env.get("DS_ACCELERATOR") == "cpu":
             remove_cpu_allreduce_buffers(port)
-    if rc != 0:
-        print(f"error: training exited with status {rc} (the rank logs above say why); "
+    status = exit_status(rc)
+    if status != 0:
+        killed = f"a process was killed by {signal.Signals(status - 128).name}; " if status != rc else ""
+        print(f"error: training exited with status {status} ({killed}the rank logs above say why); "
               f"run the same command again to resume from the last checkpoint in {run_dir / 'checkpoints'}",
               file=sys.stderr)
-    return rc
+    return status
+
+
+def exit_status(returncode: int) -> int:
+    """The launcher's return code as a shell reports it: 128 + N for a process killed by signal N.
+
+    subprocess gives -N when the launcher itself was killed; DeepSpeed's per-node launcher passes a
+    killed rank's -N to ``sys.exit``, which the OS truncates to 256 - N. (Our ranks exit with 0, 1 or 2.)
+    """
+    if returncode < 0:
+        return 128 - returncode
+    if returncode > 128 and (256 - returncode) in {int(s) for s in signal.valid_signals()}:
+        return 128 + (256 - returncode)
+    return returncode
 
 
 def remove_cpu_allreduce_buffers(port: int) -> None:

@@ -34,11 +34,7 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
 
     stored = [int(i) for i in source_metadata["aux_layer_ids"]]
     wanted = config.train.draft.aux_layer_ids or stored
-    missing = [i for i in wanted if i not in stored]
-    if missing:
-        raise UserError(f"train.draft.aux_layer_ids {wanted}: layers {missing} are not in the features "
-                        f"(they hold {stored})")
-    aux_indices = None if wanted == stored else [stored.index(i) for i in wanted]
+    indices = aux_indices(config.train.draft.aux_layer_ids, stored)
     d2t = None
     draft_vocab_size = None
     if vocab_path:
@@ -62,7 +58,18 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
     torch.manual_seed(config.train.seed)
     draft = Eagle3Draft(arch, target, d2t)
     draft.init_weights(config.train.seed)
-    return draft, aux_indices
+    return draft, indices
+
+
+def aux_indices(wanted: Optional[list[int]], stored: list[int]) -> Optional[list[int]]:
+    """Indices of ``train.draft.aux_layer_ids`` among the features' aux layers (None: all of them)."""
+    stored = [int(i) for i in stored]
+    wanted = wanted or stored
+    missing = [i for i in wanted if i not in stored]
+    if missing:
+        raise UserError(f"train.draft.aux_layer_ids {wanted}: layers {missing} are not in the features "
+                        f"(they hold {stored})")
+    return None if wanted == stored else [stored.index(i) for i in wanted]
 
 
 def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Optional[str] = None,
