@@ -1,9 +1,12 @@
 """`eaglecache train` through DeepSpeed's launcher: (c) 2 ranks x GA 1 == 1 rank x GA 2 in fp32 within 1e-6,
-a run SIGKILLed after a checkpoint resumes to the uninterrupted run's exact weights, and bad input is one
-error line with exit code 2.
+a run SIGKILLed after a checkpoint exits with 128 + 9 and resumes (at the step after that checkpoint) to the
+uninterrupted run's exact weights, settings that cannot change the result do not block a resume, and bad
+input is one error line with exit code 2.
 """
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +15,10 @@ import pytest
 import torch
 
 from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, losses, write_feature_cache
-from eaglecache.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV, committed_steps
-from eaglecache.train.launch import remove_cpu_allreduce_buffers
+from eaglecache.config import load_config
+from eaglecache.errors import UserError
+from eaglecache.train.checkpoint import COMMIT, KILL_AFTER_CHECKPOINT_ENV, committed_steps, run_fingerprint, tag_of
+from eaglecache.train.launch import exit_status, remove_cpu_allreduce_buffers, write_run_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 REPO = Path(__file__).resolve().parent.parent
@@ -67,11 +72,20 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(feature_cache, on
     out = tmp_path / "killed"
     killed = eaglecache_train(feature_cache, out, "train.launcher.num_gpus=1", env={KILL_AFTER_CHECKPOINT_ENV: "4"},
                               port=29565)
-    assert killed.returncode != 0
+    # the rank died of SIGKILL: the shell's 128 + 9, named, not DeepSpeed's truncated -9 (247)
+    assert killed.returncode == 128 + signal.SIGKILL, killed.stderr[-3000:]
+    assert "killed by SIGKILL" in killed.stderr.strip().splitlines()[-1]
     assert committed_steps(out) == [2, 4] and not (out / "final").exists()
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3, 4]
     resumed = eaglecache_train(feature_cache, out, "train.launcher.num_gpus=1", port=29567)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "trained 6/6 steps" in resumed.stdout
+    # a resume, not a restart: it starts at step 5 and runs 5 and 6 only. The lines of steps 1-4 are the
+    # killed run's, byte for byte: a rerun of those steps would have logged other tokens_per_s values
+    assert "training 6 steps from step 4" in resumed.stderr + resumed.stdout
+    now = (out / "metrics.jsonl").read_text().splitlines()
+    assert now[:4] == logged and [json.loads(line)["step"] for line in now[4:]] == [5, 6]
     again, reference = fp32_weights(out), fp32_weights(one_rank_run)
     for name in reference:
         assert torch.equal(again[name], reference[name]), name
@@ -79,6 +93,41 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(feature_cache, on
     assert (out / "final" / "model.safetensors").is_file()
     # DeepSpeed's CPU all-reduce buffers (70 MB per rank in RAM) of both runs, the killed one too, are gone
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_2956[57]_*"))
+
+
+def test_exit_status_of_a_killed_launcher_or_rank_is_128_plus_the_signal():
+    assert exit_status(0) == 0 and exit_status(2) == 2 and exit_status(1) == 1
+    assert exit_status(-signal.SIGKILL) == 137  # the launcher itself was killed
+    assert exit_status(256 - signal.SIGKILL) == 137  # DeepSpeed's launch.py passed a rank's -9 to sys.exit
+    assert exit_status(256 - signal.SIGTERM) == 143
+    assert exit_status(137) == 137  # already the shell's convention (a rank run through a shell)
+
+
+def test_runtime_only_settings_do_not_refuse_a_resume(tmp_path):
+    """Memory sizing, how vLLM runs the target (training never runs it) and launch/logging/checkpoint
+    settings cannot change the weights: a run resumes with other values; what can change them is refused."""
+    run_dir = tmp_path / "run"
+    base = load_config(None, TINY_RUN)
+    write_run_config(base, run_dir.mkdir() or run_dir)
+    (run_dir / "checkpoints" / tag_of(2)).mkdir(parents=True)
+    (run_dir / "checkpoints" / tag_of(2) / COMMIT).write_text("{}")
+    for change in ("target.kv_cache_gib=2", "target.gpu_memory_utilization=0.5", "target.tensor_parallel_size=4",
+                   "target.enforce_eager=true", "train.launcher.num_gpus=1", "train.log_interval=5",
+                   "train.keep_checkpoints=4"):
+        changed = load_config(None, TINY_RUN + [change])
+        assert run_fingerprint(changed) == run_fingerprint(base), change
+        write_run_config(changed, run_dir)  # accepted: the same command resumes
+    for change in ("train.lr=1e-3", "target.weights_prefix=x.", "train.ttt_length=2"):
+        with pytest.raises(UserError, match="holds a run with other target/train settings"):
+            write_run_config(load_config(None, TINY_RUN + [change]), run_dir)
+
+
+def test_aux_layers_the_cache_does_not_store_are_one_error_line(feature_cache, tmp_path):
+    result = eaglecache_train(feature_cache, tmp_path / "run", "train.draft.aux_layer_ids=[1,2]", port=29569)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "layers [1] are not in the features" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "deepspeed.launcher" not in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
