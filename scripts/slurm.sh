@@ -6,7 +6,8 @@
 # starts what is not running. Needs root (it is meant for CI machines and containers).
 #   bash scripts/slurm.sh          # install if needed, start, wait until the node is idle
 #   bash scripts/slurm.sh stop     # stop the three daemons
-# Exit codes: 0 ready; 3 the packages are missing and apt cannot reach a registry; 1 anything else.
+# Exit codes: 0 ready; 3 the packages are missing and apt cannot fetch them (no registry reachable,
+# or no apt at all); 1 anything else.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
@@ -25,9 +26,10 @@ install_packages() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null &&
     command -v munged >/dev/null && return 0
   [ "$(id -u)" -eq 0 ] || die "slurm-wlm and munge are not installed, and installing them needs root"
+  command -v apt-get >/dev/null || die "slurm-wlm and munge are not installed, and there is no apt-get here" 3
   export DEBIAN_FRONTEND=noninteractive
   # an unreachable registry is the one reason a test may skip instead of failing
-  apt-get update -qq || die "apt-get update failed: no package registry reachable" 3
+  apt-get update -qq --error-on=any || die "apt-get update failed: no package registry reachable" 3
   apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null ||
     die "apt-get install slurm-wlm munge failed"
 }

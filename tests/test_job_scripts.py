@@ -77,3 +77,13 @@ def test_slurm_script_needs_no_repository_and_passes_overrides_on(script, tmp_pa
     assert argv[argv.index("--config") + 1] == "minimax_m3"
     assert argv[-1] == "target.tensor_parallel_size=1"
     assert not any(str(tmp_path) in a for a in argv)  # nothing derived from the script's own location
+
+
+@pytest.mark.parametrize("script", SLURM_SCRIPTS, ids=lambda p: p.name)
+def test_slurm_job_without_eaglecache_on_path_is_one_error_line(script, tmp_path):
+    """A job submitted from a shell where eaglecache's environment was not active."""
+    env = {"PATH": "/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "0", "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=30, cwd=tmp_path)
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "eaglecache" in line and "activate its environment before sbatch" in line
