@@ -19,7 +19,6 @@ from eaglecache.train.main import parse_args as parse_train_args
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "configs" / "minimax_m3").glob("*.s*"))
 SLURM_SCRIPTS = [p for p in SCRIPTS if p.suffix == ".sbatch"]
-CONFIG = REPO / "configs" / "minimax_m3" / "config.yaml"
 
 
 def dry_run(script: Path, tmp_path: Path, *args: str, **env_values: str) -> list[str]:
@@ -43,10 +42,7 @@ def eaglecache_command(argv: list[str]):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_job_script_dry_run_prints_a_valid_command(script, tmp_path):
-    env = {"SLURM_ARRAY_TASK_ID": "5", "NUM_SHARDS": "16"}
-    if script.suffix == ".sbatch":  # their default is the name of the config installed with eaglecache
-        env["CONFIG"] = str(CONFIG)
-    argv = dry_run(script, tmp_path, **env)
+    argv = dry_run(script, tmp_path, SLURM_ARRAY_TASK_ID="5", NUM_SHARDS="16")
     if script.name == "train.sbatch":
         assert argv[argv.index("-c") - 1] == "bash" and "eaglecache.train.main" in argv[argv.index("-c") + 1]
         args = parse_train_args(argv[argv.index("-c") + 3:])  # after the node command and its $0
@@ -65,7 +61,8 @@ def test_job_script_dry_run_prints_a_valid_command(script, tmp_path):
 
 @pytest.mark.parametrize("script", SLURM_SCRIPTS, ids=lambda p: p.name)
 def test_slurm_script_needs_no_repository_and_passes_overrides_on(script, tmp_path):
-    """No REPO, no CONFIG: the config by name; arguments after the script are overrides, last."""
+    """No REPO, no CONFIG: the config by name (packaged with eaglecache); arguments after the script are
+    overrides, last."""
     env = {k: v for k, v in os.environ.items() if k not in ("REPO", "CONFIG")}
     env.update(DRY_RUN="1", SLURM_ARRAY_TASK_ID="1")
     copy = tmp_path / "slurm_script"
