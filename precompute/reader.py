@@ -11,11 +11,19 @@ opens, e.g. ``s3://bucket/prefix`` (needs ``s3fs``): the part manifests through
 fsspec, the shards by ranged reads through fsspec. S3 credentials and endpoint
 come from the standard AWS settings (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_ENDPOINT_URL`` for an S3-compatible server, ``AWS_PROFILE``, ~/.aws/config).
+
+Transient store errors do not end a days-long training run: an S3 filesystem is made with
+botocore's ``standard`` retry mode and 10 attempts per request (``S3_RETRIES``; ``AWS_RETRY_MODE``
+and ``AWS_MAX_ATTEMPTS`` override them), which retries 5xx answers (503 SlowDown included, also
+on a HEAD, whose answer has no body for s3fs to recognise), throttling and dropped connections
+with exponential backoff (up to 20 s between attempts); s3fs itself re-reads a response cut off
+mid-body (5 tries). tests/test_s3_cache.py trains through a proxy that injects both.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +74,18 @@ def is_url(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: retries for S3 (see the module docstring), nothing for other stores."""
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return {}
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE") or S3_RETRIES["mode"],
+               "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_RETRIES["max_attempts"])}
+    return {"config_kwargs": {"retries": retries}}
+
+
 class CacheFiles:
     """File access under a cache root: ``pathlib`` for a local path, fsspec for a URL.
 
@@ -85,7 +105,7 @@ class CacheFiles:
         import fsspec
 
         try:
-            return fsspec.core.url_to_fs(url)[0]
+            return fsspec.core.url_to_fs(url, **storage_options(url))[0]
         except ImportError as exc:  # e.g. s3:// without s3fs
             raise UserError(f"{url}: cannot open this URL ({exc})") from None
 
@@ -107,7 +127,8 @@ class CacheFiles:
 
     def open_group(self, path: Path | str):
         """A shard's Zarr group, read-only, through its consolidated metadata."""
-        store = path if isinstance(path, Path) else zarr.storage.FsspecStore.from_url(path, read_only=True)
+        store = path if isinstance(path, Path) else zarr.storage.FsspecStore.from_url(
+            path, read_only=True, storage_options=storage_options(path))
         with _consolidated_metadata():
             return zarr.open_group(store, mode="r", use_consolidated=True)
 

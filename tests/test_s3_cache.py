@@ -2,12 +2,22 @@
 
 moto's S3 server runs on loopback; the ``tiny_cache`` fixture's directory tree is uploaded
 as it is. The client side is what a user runs: s3fs and zarr's FsspecStore, configured only
-by the standard AWS environment variables (endpoint, keys, region).
+by the standard AWS environment variables (endpoint, keys, region). For transient store errors
+a small proxy (``FaultyS3Proxy``) sits between the client and moto and answers every 10th
+request with a 503 and cuts one response off mid-body.
 """
 
 import argparse
+import contextlib
+import http.client
 import json
 import logging
+import os
+import socket
+import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -146,3 +156,137 @@ def test_ablations_run_from_a_cache_url(s3_cache, tiny_cache, tiny_target, tmp_p
     record = json.loads(next(out.glob("*/variant.json")).read_text())
     assert record["status"] == "done" and record["metrics"]["step"] == 3
     assert record["fingerprint"]["cache"] == cache_fingerprint(str(tiny_cache))  # the same cache, read remotely
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server, failing some requests on purpose.
+
+    Deterministic (a request counter, no randomness): request number ``503_every``, 2 x that, ...
+    gets a 503 with S3's ``SlowDown`` XML error body; the first GET after request ``reset_after``
+    whose answer carries more than 1 KiB (a shard's chunk) is cut after half its body and the
+    connection reset (RST). Every other request is forwarded to the server and its answer relayed.
+    """
+
+    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                 b"<Message>Please reduce your request rate.</Message><RequestId>fault</RequestId></Error>")
+
+    def __init__(self, upstream: str, every: int = 10, reset_after: int = 15, head_outage: int = 0):
+        self.upstream = urlsplit(upstream)
+        self.every, self.reset_after, self.head_outage = every, reset_after, head_outage
+        self.counts = {"requests": 0, "503": 0, "reset": 0, "HEAD": 0}
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as botocore's pool expects
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy._lock:
+                    proxy.counts["requests"] += 1
+                    number = proxy.counts["requests"]
+                    proxy.counts["HEAD"] += self.command == "HEAD"
+                    fail = number % proxy.every == 0 or (self.command == "HEAD"
+                                                         and proxy.counts["HEAD"] <= proxy.head_outage)
+                    proxy.counts["503"] += fail
+                if fail:  # S3 answers a HEAD with the status alone: no error body to recognise
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(proxy.SLOW_DOWN)
+                    return
+                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body or None, headers=dict(self.headers))
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                with proxy._lock:
+                    cut = (self.command == "GET" and len(data) > 1024 and number > proxy.reset_after
+                           and proxy.counts["reset"] == 0)
+                    proxy.counts["reset"] += cut
+                self.send_response(answer.status, answer.reason)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                        self.send_header(key, value)
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                if not cut:
+                    self.wfile.write(data)
+                    return
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                # SO_LINGER 0: close() sends RST, the client sees "connection reset" mid-body
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def through_proxy(**faults):
+    """AWS_ENDPOINT_URL pointed at a ``FaultyS3Proxy`` in front of the moto server meanwhile; yields the proxy."""
+    import s3fs
+
+    moto_url = os.environ["AWS_ENDPOINT_URL"]
+    with FaultyS3Proxy(moto_url, **faults) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        s3fs.S3FileSystem.clear_instance_cache()  # a client made for moto's address would bypass the proxy
+        try:
+            yield proxy
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = moto_url
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_training_through_503s_and_a_reset_connection_gives_the_losses_without_faults(
+        s3_cache, tiny_cache, tiny_target, tmp_path, single_rank):
+    from eaglecache.train.main import open_source, train
+
+    rank, world, device = single_rank
+    config = load_config(None, [f"target.path={tiny_target}", *RUN])
+    losses = {}
+    with through_proxy() as proxy:
+        for name, cache in (("faults", s3_cache), ("local", str(tiny_cache))):
+            run_dir = tmp_path / name
+            run_dir.mkdir()
+            source = open_source(config, cache, None, tiny_target, device)
+            train(config, run_dir, source, target_dir=tiny_target, rank=rank, world_size=world, device=device)
+            losses[name] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert proxy.counts["503"] >= 3 and proxy.counts["reset"] == 1, proxy.counts
+    assert len(losses["faults"]) == 3 and losses["faults"] == losses["local"]
+
+
+def test_a_run_of_503s_on_head_requests_is_outlasted(s3_cache, tiny_cache):
+    """A throttled prefix: the first 5 HEADs answered 503 (one more than botocore's default 5 attempts allow)."""
+    local = open_cache(tiny_cache)
+    with through_proxy(head_outage=5) as proxy:
+        remote = open_cache(s3_cache)
+        for sample_id in local.sample_ids[:: max(1, len(local.sample_ids) // 8)]:
+            a, b = remote.read(int(sample_id)), local.read(int(sample_id))
+            assert np.array_equal(a.input_ids, b.input_ids) and torch.equal(a.aux, b.aux), sample_id
+    assert proxy.counts["HEAD"] > 5 and proxy.counts["503"] >= 5, proxy.counts
