@@ -1,0 +1,213 @@
+"""Side-by-side benchmark against the peers (speculators 0.9.0, SpecForge 0.2.0): one table, one run.
+
+Every row is measured in the same process run on the same data, so only ratios within one table
+mean anything (the machine may be shared):
+
+  (2) reading features for training: our cache (``FeatureCache.read``) vs speculators' one
+      safetensors file per sample vs SpecForge's one ``torch.save`` file per sample (both written
+      here from the same states, in the peers' layouts) vs a plain sequential read of our cache's
+      files; cold (page cache dropped before each pass, as root) and warm, in the shuffled order an
+      epoch uses and in stored order.
+  (3) a training step at hidden 1024 / intermediate 2816 / 8:2 heads / vocab 8192 / seq 2048 /
+      TTT 7 / batch 1, fp32 and bf16: our draft's forward + loss + backward + AdamW step vs
+      SpecForge's ``OnlineEagle3Model`` and speculators' ``Eagle3DraftModel`` (sdpa), tokens/s and
+      MFU against a matmul peak measured in the same run (benchmarks/peer_adapters.py).
+
+Rows (1) feature generation and (4) FP8 accept length are not measured here (listed as missing).
+The peers install with ``pip install --no-deps speculators==0.9.0 hs-connectors==0.9.0
+specforge==0.2.0 && pip install datasets`` (the ``peers`` extra); a peer that is missing is a
+row that says so.
+
+    python benchmarks/peers.py                        # demo-sized read set, full-size train step
+    python benchmarks/peers.py --samples 64 --train-seq 128 --train-hidden 64 --train-steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_adapters  # noqa: E402  (benchmarks/ is not a package)
+
+A = 3  # aux layers stored
+
+
+# --------------------------------------------------------------------------- the data
+
+
+def make_states(num_samples: int, mean_tokens: int, hidden: int, seed: int = 0):
+    """Samples of ``mean_tokens`` tokens on average (uniform in [mean/4, 7*mean/4]): ids, mask, aux, final.
+
+    States are bf16 normals scaled like a residual stream, so zstd finds the same slack in the
+    exponent bits as in real ones (about 1.25x)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(mean_tokens // 4, 7 * mean_tokens // 4 + 1, (num_samples,), generator=gen)
+    for sid, t in enumerate(lengths.tolist()):
+        yield sid, dict(
+            input_ids=torch.randint(0, 32000, (t,), generator=gen).numpy().astype(np.int32),
+            loss_mask=(torch.rand(t, generator=gen) < 0.6).numpy().astype(np.uint8),
+            aux=(torch.randn(t, A, hidden, generator=gen) * 4).to(torch.bfloat16),
+            final=(torch.randn(t, hidden, generator=gen) * 4).to(torch.bfloat16))
+
+
+def write_all_layouts(root: Path, num_samples: int, mean_tokens: int, hidden: int, chunk_tokens: int,
+                      codec: str, shard_tokens: int = 65536) -> dict[str, Path]:
+    """Our cache and the peers' per-sample files, all from the same states."""
+    from eaglecache.precompute.store import PartWriter, create_or_check_cache
+
+    meta = {"aux_layer_ids": [2, 4, 5], "final_layer_id": 8, "final_prenorm": True, "hidden_size": hidden,
+            "vocab_size": 32000, "dtype": "bfloat16", "codec": codec, "codec_level": 1,
+            "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "num_parts": 1}
+    out = {"ours": root / "cache", "speculators": root / "speculators", "specforge": root / "specforge"}
+    create_or_check_cache(out["ours"], meta)
+    writer = PartWriter(out["ours"], 0, 1, meta)
+    for sid, s in make_states(num_samples, mean_tokens, hidden):
+        writer.add(sid, **s)
+        peer_adapters.write_speculators_sample(out["speculators"], sid, s)
+        peer_adapters.write_specforge_sample(out["specforge"], sid, s)
+    writer.close()
+    return out
+
+
+# --------------------------------------------------------------------------- (2) reading
+
+
+def drop_page_cache() -> bool:
+    """Drop the page cache (root only); False when it cannot be dropped."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _files_bytes(path: Path) -> tuple[list[Path], int]:
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return files, sum(f.stat().st_size for f in files)
+
+
+def sequential_read(path: Path) -> None:
+    """Every file under ``path`` read start to end in 8 MiB reads, as ``cat`` or ``dd`` does."""
+    buffer = bytearray(8 << 20)
+    view = memoryview(buffer)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            while os.readv(fd, [view]) > 0:
+                pass
+        finally:
+            os.close(fd)
+
+
+def readers(layouts: dict[str, Path]) -> dict[str, tuple[str, object]]:
+    """name -> (version label, read(sample_id) -> number of tokens) for every reader present."""
+    from eaglecache.precompute.reader import open_cache
+
+    cache = open_cache(layouts["ours"])
+
+    def ours(sid):
+        return len(cache.read(sid).input_ids)
+
+    out = {"eaglecache FeatureCache.read": ("this tree", ours)}
+    for name, (version, read) in peer_adapters.peer_readers(layouts).items():
+        out[name] = (version, read)
+    return out
+
+
+def bench_reads(layouts: dict[str, Path], sample_ids: np.ndarray, seed: int, cold: bool) -> list[dict]:
+    """One pass per reader (and the sequential baseline), each cold if ``cold``; rows for the table."""
+    rows = []
+    order = {"shuffled": np.random.Generator(np.random.PCG64([seed, 0])).permutation(sample_ids),
+             "stored": sample_ids}
+    base_files, base_bytes = _files_bytes(layouts["ours"])
+    dropped = drop_page_cache() if cold else None
+    start = time.perf_counter()
+    sequential_read(layouts["ours"])
+    seconds = time.perf_counter() - start
+    total_tokens = None
+    for name, (version, read) in readers(layouts).items():
+        disk = layouts["ours" if name.startswith("eaglecache") else name.split()[0]]
+        _, nbytes = _files_bytes(disk)
+        for order_name, ids in order.items():
+            if cold:
+                drop_page_cache()
+            start = time.perf_counter()
+            tokens = sum(read(int(s)) for s in ids)
+            elapsed = time.perf_counter() - start
+            total_tokens = tokens
+            rows.append({"reader": name, "version": version, "order": order_name, "cold": cold,
+                         "tokens_per_s": tokens / elapsed, "gb_per_s": nbytes / elapsed / 1e9,
+                         "bytes_per_token": nbytes / tokens, "files": len(_files_bytes(disk)[0])})
+    rows.insert(0, {"reader": "sequential read of our cache's files (8 MiB reads)", "version": "-", "order": "file",
+                    "cold": cold, "tokens_per_s": total_tokens / seconds, "gb_per_s": base_bytes / seconds / 1e9,
+                    "bytes_per_token": base_bytes / total_tokens, "files": len(base_files),
+                    "dropped": dropped})
+    return rows
+
+
+def print_read_table(rows: list[dict]) -> None:
+    print(f"{'(2) reading features':58s} {'order':9s} {'cache':5s} {'tokens/s':>10s} {'GB/s':>6s} "
+          f"{'B/token':>8s} {'files':>6s}  version")
+    for r in rows:
+        print(f"  {r['reader']:56s} {r['order']:9s} {'cold' if r['cold'] else 'warm':5s} {r['tokens_per_s']:10.0f} "
+              f"{r['gb_per_s']:6.3f} {r['bytes_per_token']:8.0f} {r['files']:6d}  {r['version']}")
+
+
+def machine_line() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return (f"{time.strftime('%Y-%m-%d')} | {model} | torch {torch.__version__} cpu capability "
+            f"{torch.backends.cpu.get_cpu_capability()} | {os.cpu_count()} cores visible")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1613, help="samples in the read set (the demo's: 1613)")
+    parser.add_argument("--mean-tokens", type=int, default=210)
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the read set (the demo target's)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--codec", default="zstd", choices=["none", "zstd", "blosc-zstd"])
+    parser.add_argument("--skip-reads", action="store_true")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--train-steps", type=int, default=3, help="timed steps per model and dtype (after 1 warm-up)")
+    parser.add_argument("--train-seq", type=int, default=2048)
+    parser.add_argument("--train-hidden", type=int, default=1024)
+    parser.add_argument("--workdir", default=None, help="where the read set is written (default: a temp dir)")
+    args = parser.parse_args(argv)
+    print(machine_line())
+    if not args.skip_reads:
+        with tempfile.TemporaryDirectory(prefix="bench-peers-", dir=args.workdir) as tmp:
+            layouts = write_all_layouts(Path(tmp), args.samples, args.mean_tokens, args.hidden, args.chunk_tokens,
+                                        args.codec)
+            from eaglecache.precompute.reader import open_cache
+
+            ids = open_cache(layouts["ours"]).sample_ids
+            rows = bench_reads(layouts, ids, seed=0, cold=True) + bench_reads(layouts, ids, seed=0, cold=False)
+            print(f"read set: {args.samples} samples, {args.mean_tokens} tokens on average, hidden {args.hidden}, "
+                  f"{A} aux + final, bf16; ours {args.codec} level 1, chunk_tokens {args.chunk_tokens}; "
+                  f"page cache {'dropped before each cold pass' if rows[0]['dropped'] else 'NOT dropped (not root)'}")
+            print_read_table(rows)
+    if not args.skip_train:
+        peer_adapters.print_train_table(peer_adapters.bench_train(
+            steps=args.train_steps, seq=args.train_seq, hidden=args.train_hidden))
+    print("not measured here: (1) feature generation vs speculators' vllm serve path, (4) FP8 vs bf16 accept length")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
