@@ -9,6 +9,9 @@ the same weights and metrics. World size 1, on random features of the tiny
 target's width: in-process (the shared ``single_rank``) except the killed runs,
 which are ``python -m eaglecache.train.main`` subprocesses like their reference.
 SIGKILL right after a checkpoint through the launcher is in test_train_launcher.py.
+Every resume is checked to be one: it starts at the step after the newest intact
+checkpoint and runs only the steps after it (``assert_resumed_at``); a run that
+ignored its checkpoints would still end with the same weights on CPU.
 """
 
 import json
@@ -68,6 +71,21 @@ def assert_same_run(run_dir, reference):
     assert losses(run_dir) == losses(reference)
 
 
+def metrics_lines(run_dir) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def assert_resumed_at(run_dir, log_text: str, start: int, before: list[str], total: int = 6):
+    """A resume, not a restart: the run says it starts after step ``start``, the metrics lines of steps
+    1..start are the earlier run's byte for byte (a rerun of those steps would log other tokens_per_s
+    and data_wait_fraction values), and it logged each of the steps start+1..total once."""
+    now = metrics_lines(run_dir)
+    assert len(before) >= start and now[:start] == before[:start], "the steps before the checkpoint ran again"
+    assert [json.loads(line)["step"] for line in now] == list(range(1, total + 1))
+    assert f"training {total} steps from step {start}:" in log_text, log_text[-3000:]
+
+
 def test_checkpoint_problem_names_a_flipped_truncated_or_missing_file(tmp_path):
     files = {"a.pt": bytes(range(256)) * 40, "sub/b.pt": b"x" * 5000}
     for name, data in files.items():
@@ -100,10 +118,12 @@ def test_damaged_and_half_written_checkpoints_are_skipped_with_a_warning(referen
     data[len(data) // 2] ^= 0xFF  # one flipped bit pattern somewhere in the optimizer or model states
     victim.write_bytes(bytes(data))
 
-    with caplog.at_level(logging.WARNING, logger="eaglecache.train.checkpoint"):
+    before = metrics_lines(run_dir)
+    with caplog.at_level(logging.INFO, logger="eaglecache.train"):
         train_into(run_dir, source, tiny_target, single_rank)
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warnings) == 1 and str(damaged) in warnings[0] and victim.name in warnings[0], warnings
+    assert_resumed_at(run_dir, caplog.text, 2, before)
     assert_same_run(run_dir, reference)  # resumed from step 2, retrained 3..6 exactly
 
 
@@ -125,7 +145,7 @@ def resize(root, size_bytes):
 
 
 def test_disk_full_at_a_checkpoint_is_one_error_and_resume_after_freeing_space_is_exact(
-        reference, source, tiny_target, single_rank, small_disk):
+        reference, source, tiny_target, single_rank, small_disk, caplog):
     checkpoint_bytes = sum(f.stat().st_size for f in (reference / "checkpoints" / tag_of(2)).rglob("*")
                            if f.is_file())
     resize(small_disk, int(checkpoint_bytes * 1.5) + (1 << 20))  # one checkpoint fits, the second does not
@@ -140,7 +160,10 @@ def test_disk_full_at_a_checkpoint_is_one_error_and_resume_after_freeing_space_i
     assert checkpoint_problem(run_dir / "checkpoints" / tag_of(2)) is None
 
     resize(small_disk, 4 * checkpoint_bytes + (4 << 20))  # space freed: the same command resumes
-    train_into(run_dir, source, tiny_target, single_rank)
+    before = metrics_lines(run_dir)
+    with caplog.at_level(logging.INFO, logger="eaglecache.train"):
+        train_into(run_dir, source, tiny_target, single_rank)
+    assert_resumed_at(run_dir, caplog.text, 2, before)
     assert_same_run(run_dir, reference)
 
 
@@ -206,8 +229,10 @@ def test_sigkill_at_random_steps_then_restart_gives_the_same_weights(source, tmp
     assert start_training(reference, source.path, tmp_path / "reference.log").wait(timeout=600) == 0, \
         (tmp_path / "reference.log").read_text()[-3000:]
     run_dir = tmp_path / "killed"
+    starts = []  # (log, the newest checkpoint it should resume from, metrics lines before it started)
     for i, (step, jitter) in enumerate(points):
         started = time.time()
+        starts.append((tmp_path / f"killed-{i}.log", (committed_steps(run_dir) or [0])[-1], metrics_lines(run_dir)))
         proc = start_training(run_dir, source.path, tmp_path / f"killed-{i}.log")
         deadline = time.monotonic() + 600
         while last_logged_step(run_dir, started) < step and proc.poll() is None and time.monotonic() < deadline:
@@ -219,6 +244,10 @@ def test_sigkill_at_random_steps_then_restart_gives_the_same_weights(source, tmp
         print(f"killed after step {last_logged_step(run_dir, started)} was logged; "
               f"committed checkpoints {committed_steps(run_dir)}")
     assert not (run_dir / "final").exists()
+    resume_from, before = (committed_steps(run_dir) or [0])[-1], metrics_lines(run_dir)
     final = start_training(run_dir, source.path, tmp_path / "final.log")
     assert final.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert_resumed_at(run_dir, (tmp_path / "final.log").read_text(), resume_from, before)
+    for log, start, _ in starts:  # the killed runs too started at their newest checkpoint
+        assert f"training 6 steps from step {start}:" in log.read_text(), log.read_text()[-3000:]
     assert_same_run(run_dir, reference)
