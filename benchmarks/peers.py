@@ -60,22 +60,27 @@ def make_states(num_samples: int, mean_tokens: int, hidden: int, seed: int = 0):
             final=(torch.randn(t, hidden, generator=gen) * 4).to(torch.bfloat16))
 
 
-def write_all_layouts(root: Path, num_samples: int, mean_tokens: int, hidden: int, chunk_tokens: int,
-                      codec: str, shard_tokens: int = 65536) -> dict[str, Path]:
-    """Our cache and the peers' per-sample files, all from the same states."""
+def write_all_layouts(root: Path, num_samples: int, mean_tokens: int, hidden: int, variants: list[tuple[str, int]],
+                      shard_tokens: int = 65536) -> dict[str, Path]:
+    """Our cache once per (codec, chunk_tokens) variant and the peers' per-sample files, from the same states."""
     from eaglecache.precompute.store import PartWriter, create_or_check_cache
 
-    meta = {"aux_layer_ids": [2, 4, 5], "final_layer_id": 8, "final_prenorm": True, "hidden_size": hidden,
-            "vocab_size": 32000, "dtype": "bfloat16", "codec": codec, "codec_level": 1,
-            "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "num_parts": 1}
-    out = {"ours": root / "cache", "speculators": root / "speculators", "specforge": root / "specforge"}
-    create_or_check_cache(out["ours"], meta)
-    writer = PartWriter(out["ours"], 0, 1, meta)
+    out, writers = {}, []
+    for codec, chunk_tokens in variants:
+        meta = {"aux_layer_ids": [2, 4, 5], "final_layer_id": 8, "final_prenorm": True, "hidden_size": hidden,
+                "vocab_size": 32000, "dtype": "bfloat16", "codec": codec, "codec_level": 1,
+                "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens, "num_parts": 1}
+        path = out[f"ours {codec}, chunk_tokens {chunk_tokens}"] = root / f"cache-{codec}-{chunk_tokens}"
+        create_or_check_cache(path, meta)
+        writers.append(PartWriter(path, 0, 1, meta))
+    out["speculators"], out["specforge"] = root / "speculators", root / "specforge"
     for sid, s in make_states(num_samples, mean_tokens, hidden):
-        writer.add(sid, **s)
+        for writer in writers:
+            writer.add(sid, **s)
         peer_adapters.write_speculators_sample(out["speculators"], sid, s)
         peer_adapters.write_specforge_sample(out["specforge"], sid, s)
-    writer.close()
+    for writer in writers:
+        writer.close()
     return out
 
 
@@ -111,49 +116,71 @@ def sequential_read(path: Path) -> None:
             os.close(fd)
 
 
-def readers(layouts: dict[str, Path]) -> dict[str, tuple[str, object]]:
-    """name -> (version label, read(sample_id) -> number of tokens) for every reader present."""
+def zarr_reader(path: Path):
+    """The read path before issue 15, kept as a row: zarr arrays of each shard (zarrs codec pipeline)."""
+    import zarr
+
     from eaglecache.precompute.reader import open_cache
 
-    cache = open_cache(layouts["ours"])
+    cache = open_cache(path)
+    groups = {}
 
-    def ours(sid):
-        return len(cache.read(sid).input_ids)
+    def read(sample_id: int) -> int:
+        i = cache._find(sample_id)
+        shard = int(cache._shard_of[i])
+        if shard not in groups:
+            groups[shard] = dict(cache.files.open_group(cache.shard_paths[shard]).arrays())
+        rows = slice(int(cache._start[i]), int(cache._start[i] + cache._length[i]))
+        arrays = [groups[shard][name][rows] for name in ("input_ids", "loss_mask", "aux", "final")]
+        return len(arrays[0])
+    return read
 
-    out = {"eaglecache FeatureCache.read": ("this tree", ours)}
+
+def readers(layouts: dict[str, Path]) -> list[tuple[str, str, Path, object, bool]]:
+    """(name, version label, files read, read(sample_id) -> tokens, also in stored order) per reader present."""
+    from eaglecache.precompute.reader import open_cache
+
+    out = []
+    for key, path in layouts.items():
+        if key.startswith("ours"):
+            cache = open_cache(path)
+            out.append((f"eaglecache FeatureCache.read, {key[5:]}", "this tree", path,
+                        lambda sid, cache=cache: len(cache.read(sid).input_ids), True))
+    first = next(key for key in layouts if key.startswith("ours"))
+    out.append((f"previous read path (zarr arrays), {first[5:]}", "zarr", layouts[first], zarr_reader(layouts[first]),
+                False))
     for name, (version, read) in peer_adapters.peer_readers(layouts).items():
-        out[name] = (version, read)
+        out.append((name, version, layouts[name.split()[0]], read, True))
     return out
 
 
 def bench_reads(layouts: dict[str, Path], sample_ids: np.ndarray, seed: int, cold: bool) -> list[dict]:
-    """One pass per reader (and the sequential baseline), each cold if ``cold``; rows for the table."""
-    rows = []
-    order = {"shuffled": np.random.Generator(np.random.PCG64([seed, 0])).permutation(sample_ids),
-             "stored": sample_ids}
-    base_files, base_bytes = _files_bytes(layouts["ours"])
-    dropped = drop_page_cache() if cold else None
-    start = time.perf_counter()
-    sequential_read(layouts["ours"])
-    seconds = time.perf_counter() - start
+    """One pass per reader and order (each cold if ``cold``) and a sequential read of each cache; table rows."""
+    shuffled = np.random.Generator(np.random.PCG64([seed, 0])).permutation(sample_ids)
     total_tokens = None
-    for name, (version, read) in readers(layouts).items():
-        disk = layouts["ours" if name.startswith("eaglecache") else name.split()[0]]
-        _, nbytes = _files_bytes(disk)
-        for order_name, ids in order.items():
-            if cold:
-                drop_page_cache()
+    rows = []
+    for name, version, disk, read, also_stored in readers(layouts):
+        files, nbytes = _files_bytes(disk)
+        for order_name, ids in [("shuffled", shuffled)] + ([("stored", sample_ids)] if also_stored else []):
+            dropped = drop_page_cache() if cold else None
             start = time.perf_counter()
             tokens = sum(read(int(s)) for s in ids)
             elapsed = time.perf_counter() - start
             total_tokens = tokens
-            rows.append({"reader": name, "version": version, "order": order_name, "cold": cold,
+            rows.append({"reader": name, "version": version, "order": order_name, "cold": cold, "dropped": dropped,
                          "tokens_per_s": tokens / elapsed, "gb_per_s": nbytes / elapsed / 1e9,
-                         "bytes_per_token": nbytes / tokens, "files": len(_files_bytes(disk)[0])})
-    rows.insert(0, {"reader": "sequential read of our cache's files (8 MiB reads)", "version": "-", "order": "file",
-                    "cold": cold, "tokens_per_s": total_tokens / seconds, "gb_per_s": base_bytes / seconds / 1e9,
-                    "bytes_per_token": base_bytes / total_tokens, "files": len(base_files),
-                    "dropped": dropped})
+                         "bytes_per_token": nbytes / tokens, "files": len(files)})
+    for key, path in layouts.items():
+        if key.startswith("ours"):
+            files, nbytes = _files_bytes(path)
+            dropped = drop_page_cache() if cold else None
+            start = time.perf_counter()
+            sequential_read(path)
+            elapsed = time.perf_counter() - start
+            rows.append({"reader": f"sequential read (8 MiB reads) of {key[5:]}", "version": "-", "order": "files",
+                         "cold": cold, "dropped": dropped, "tokens_per_s": total_tokens / elapsed,
+                         "gb_per_s": nbytes / elapsed / 1e9, "bytes_per_token": nbytes / total_tokens,
+                         "files": len(files)})
     return rows
 
 
@@ -180,31 +207,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1613, help="samples in the read set (the demo's: 1613)")
     parser.add_argument("--mean-tokens", type=int, default=210)
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the read set (the demo target's)")
-    parser.add_argument("--chunk-tokens", type=int, default=1024)
-    parser.add_argument("--codec", default="zstd", choices=["none", "zstd", "blosc-zstd"])
+    parser.add_argument("--ours", default="zstd:1024,zstd:64,none:1024",
+                        help="our cache variants as codec:chunk_tokens, comma-separated (the first is the default's)")
     parser.add_argument("--skip-reads", action="store_true")
+    parser.add_argument("--warm-only", action="store_true", help="no cold passes (leaves the page cache alone)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--train-steps", type=int, default=3, help="timed steps per model and dtype (after 1 warm-up)")
     parser.add_argument("--train-seq", type=int, default=2048)
     parser.add_argument("--train-hidden", type=int, default=1024)
+    parser.add_argument("--train-dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--workdir", default=None, help="where the read set is written (default: a temp dir)")
     args = parser.parse_args(argv)
     print(machine_line())
     if not args.skip_reads:
         with tempfile.TemporaryDirectory(prefix="bench-peers-", dir=args.workdir) as tmp:
-            layouts = write_all_layouts(Path(tmp), args.samples, args.mean_tokens, args.hidden, args.chunk_tokens,
-                                        args.codec)
-            from eaglecache.precompute.reader import open_cache
-
-            ids = open_cache(layouts["ours"]).sample_ids
-            rows = bench_reads(layouts, ids, seed=0, cold=True) + bench_reads(layouts, ids, seed=0, cold=False)
+            variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.ours.split(",")]
+            layouts = write_all_layouts(Path(tmp), args.samples, args.mean_tokens, args.hidden, variants)
+            ids = np.arange(args.samples, dtype=np.int64)
+            rows = [] if args.warm_only else bench_reads(layouts, ids, seed=0, cold=True)
+            rows += bench_reads(layouts, ids, seed=0, cold=False)
             print(f"read set: {args.samples} samples, {args.mean_tokens} tokens on average, hidden {args.hidden}, "
-                  f"{A} aux + final, bf16; ours {args.codec} level 1, chunk_tokens {args.chunk_tokens}; "
-                  f"page cache {'dropped before each cold pass' if rows[0]['dropped'] else 'NOT dropped (not root)'}")
+                  f"{A} aux + final, bf16; ours zstd level 1, 65536-token shards; one thread; page cache "
+                  f"{'not dropped (--warm-only)' if args.warm_only else 'dropped before each cold pass' if rows[0]['dropped'] else 'NOT dropped (needs root)'}")
             print_read_table(rows)
     if not args.skip_train:
         peer_adapters.print_train_table(peer_adapters.bench_train(
-            steps=args.train_steps, seq=args.train_seq, hidden=args.train_hidden))
+            steps=args.train_steps, seq=args.train_seq, hidden=args.train_hidden, dtypes=args.train_dtypes))
     print("not measured here: (1) feature generation vs speculators' vllm serve path, (4) FP8 vs bf16 accept length")
     return 0
 
