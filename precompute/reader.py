@@ -237,6 +237,18 @@ class FeatureCache:
         return Sample(input_ids=shard.read("input_ids", start, stop), loss_mask=shard.read("loss_mask", start, stop),
                       aux=states["aux"], final=states["final"], sample_id=int(sample_id))
 
+    def prefetch(self, sample_ids) -> None:
+        """Start reading these samples' states from disk in the background (a hint: a local cache only;
+        an unknown id is ignored), so that reading them next overlaps the disk with decoding."""
+        for sample_id in sample_ids:
+            i = int(np.searchsorted(self.sample_ids, sample_id))
+            if i == len(self.sample_ids) or self.sample_ids[i] != sample_id:
+                continue
+            shard = self.shard(int(self._shard_of[i]))
+            start = int(self._start[i])
+            for name in STATE_ARRAYS:
+                shard.prefetch(name, start, start + int(self._length[i]))
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()

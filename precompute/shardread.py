@@ -113,6 +113,11 @@ class ByteSource:
         if done != nbytes:
             raise OSError(f"{self.path}: short read at byte {offset} ({done} of {nbytes})")
 
+    def will_need(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading this range now (a local file; nothing for a URL)."""
+        if self._fd is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -162,19 +167,44 @@ class ShardArray:
             return self._whole[start:stop].copy()
         return self._read_rows(start, stop)
 
+    def prefetch(self, start: int, stop: int) -> None:
+        """Start the disk on rows ``start:stop`` without waiting, so that a later ``read`` finds them in
+        the page cache: the reader decodes one sample while the disk fetches the next ones."""
+        if stop <= start or (self._small if self._small is not None else self.source.size() <= WHOLE_FILE_BYTES):
+            return
+        exact = self._row_bytes_range(start, stop)
+        if exact is not None:
+            self.source.will_need(*exact)
+            return
+        first, last = start // self.rows_per_chunk, (stop - 1) // self.rows_per_chunk
+        entries = self.index()[first:last + 1]
+        present = entries[entries[:, 0] != _MISSING]
+        if len(present):
+            begin = int(present[:, 0].min())
+            self.source.will_need(begin, int((present[:, 0] + present[:, 1]).max()) - begin)
+
+    def _row_bytes_range(self, start: int, stop: int) -> tuple[int, int] | None:
+        """(offset, nbytes) of rows ``start:stop`` when they are one plain byte range of the file:
+        uncompressed chunks written back to back, as our writer writes them; else None."""
+        if self.decode is not None:
+            return None
+        first, last = start // self.rows_per_chunk, (stop - 1) // self.rows_per_chunk
+        offsets, sizes = self.index()[first:last + 1].T
+        if ((offsets == _MISSING).any() or (sizes != self.rows_per_chunk * self.row_bytes).any()
+                or (offsets[1:] != offsets[:-1] + sizes[:-1]).any()):
+            return None
+        return int(offsets[0]) + (start - first * self.rows_per_chunk) * self.row_bytes, (stop - start) * self.row_bytes
+
     def _read_rows(self, start: int, stop: int) -> np.ndarray:
         out_shape = (stop - start,) + self.row_shape
+        exact = self._row_bytes_range(start, stop)
+        if exact is not None:  # no decode: one read of exactly these rows' bytes, straight into the result
+            out = np.empty(out_shape, self.dtype)
+            self.source.read_into(exact[0], memoryview(out).cast("B"))
+            return out
         first, last = start // self.rows_per_chunk, (stop - 1) // self.rows_per_chunk
         entries = self.index()[first:last + 1]
         offsets, sizes = entries[:, 0], entries[:, 1]
-        chunk_bytes = self.rows_per_chunk * self.row_bytes
-        if (self.decode is None and not (offsets == _MISSING).any() and (sizes == chunk_bytes).all()
-                and (offsets[1:] == offsets[:-1] + sizes[:-1]).all()):
-            # uncompressed chunks back to back: the rows are one byte range of the file
-            begin = int(offsets[0]) + (start - first * self.rows_per_chunk) * self.row_bytes
-            out = np.empty(out_shape, self.dtype)
-            self.source.read_into(begin, memoryview(out).cast("B"))
-            return out
         out = np.empty(out_shape, self.dtype)
         for chunk, block in self._chunks(first, offsets, sizes):
             lo = max(start, chunk * self.rows_per_chunk)
@@ -258,6 +288,11 @@ class ShardArrays:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.array(name).read(start, stop)
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        arr = self.array(name)
+        if isinstance(arr, ShardArray):
+            arr.prefetch(start, stop)
 
     def close(self) -> None:
         for arr in self._arrays.values():

@@ -109,3 +109,25 @@ def test_a_damaged_shard_index_is_an_error_not_wrong_data(tmp_path):
     fresh = open_cache(tmp_path)
     with pytest.raises(OSError, match="CRC-32C"):
         fresh.read(int(fresh.sample_ids[0]))
+
+
+def test_prefetch_hints_the_bytes_a_read_then_takes_and_changes_nothing(tmp_path, monkeypatch):
+    cache = _write_cache(tmp_path, codec="none", chunk_tokens=8, num_samples=10, seed=4)
+    monkeypatch.setattr(shardread, "WHOLE_FILE_BYTES", 2048)
+    hinted, reads = [], []
+    monkeypatch.setattr(shardread.ByteSource, "will_need",
+                        lambda self, offset, nbytes: hinted.append((str(self.path), offset, nbytes)))
+    original = shardread.ByteSource.read_into
+    monkeypatch.setattr(shardread.ByteSource, "read_into",
+                        lambda self, offset, buffer: (reads.append((str(self.path), offset, len(buffer))),
+                                                      original(self, offset, buffer))[1])
+    ids = [int(s) for s in cache.sample_ids[cache._shard_of == 0]][:3]
+    expected = [open_cache(tmp_path).read(sid) for sid in ids]
+    cache.prefetch(ids + [10_000])  # an id not in the cache is ignored
+    assert len(hinted) == 2 * len(ids)  # aux and final of each sample; ids and masks are read whole
+    reads.clear()
+    got = [cache.read(sid) for sid in ids]
+    state_reads = [r for r in reads if r[0].split("/")[-2] in ("aux", "final")]
+    assert sorted(state_reads) == sorted(hinted)
+    for a, b in zip(got, expected):
+        assert torch.equal(a.aux.view(torch.int16), b.aux.view(torch.int16)) and np.array_equal(a.input_ids, b.input_ids)

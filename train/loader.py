@@ -164,6 +164,8 @@ class StreamingLoader:
 
     def load_micro_batch(self, sample_ids: list[int]) -> Batch:
         source = self._thread_source()
+        if hasattr(source, "prefetch"):  # the disk fetches the later samples while the first is decoded
+            source.prefetch(sample_ids[1:])
         samples = [source.read(sid) for sid in sample_ids]
         length = min(self.max_seq_length, max(len(s.input_ids) for s in samples))
         ids = torch.zeros(len(samples), length, dtype=torch.int64)
