@@ -122,8 +122,17 @@ def test_runtime_only_settings_do_not_refuse_a_resume(tmp_path):
             write_run_config(load_config(None, TINY_RUN + [change]), run_dir)
 
 
-def test_aux_layers_the_cache_does_not_store_are_one_error_line(feature_cache, tmp_path):
-    result = eaglecache_train(feature_cache, tmp_path / "run", "train.draft.aux_layer_ids=[1,2]", port=29569)
+@pytest.mark.parametrize("source", ["cache", "online"])
+def test_aux_layers_the_features_lack_are_one_error_line_before_any_rank_starts(source, request, tmp_path):
+    """The cache stores layers [2, 4, 5]; the online source computes precompute.aux_layer_ids, by default
+    vLLM's (2, L//2, L-3) = [2, 4, 5] of the 8-layer tiny target."""
+    if source == "cache":
+        result = eaglecache_train(request.getfixturevalue("feature_cache"), tmp_path / "run",
+                                  "train.draft.aux_layer_ids=[1,2]", port=29569)
+    else:
+        cmd = [sys.executable, "-m", "eaglecache.cli", "train", "--data", str(request.getfixturevalue("tiny_dataset")),
+               "--output", str(tmp_path / "run"), *TINY_RUN, "train.source=online", "train.draft.aux_layer_ids=[1,2]"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "layers [1] are not in the features" in errors[0], result.stderr[-3000:]

@@ -54,15 +54,19 @@ def check_inputs(config, args) -> None:
             raise UserError(f"{args.cache} was computed from another target than {config.target.path} "
                             "(target_weights_hash differs)")
         num_samples = len(cache.sample_ids)
-        from eaglecache.train.main import aux_indices
-
-        aux_indices(tc.draft.aux_layer_ids, cache.metadata["aux_layer_ids"])
+        stored_aux = cache.metadata["aux_layer_ids"]
     else:
         from eaglecache.data.schema import open_dataset
+        from eaglecache.target import default_aux_layer_ids, target_layer_count
 
         if not args.data:
             raise UserError("train.source=online needs --data DIR (a prepared data set)")
         num_samples = len(open_dataset(args.data))
+        # what train/online.py computes
+        stored_aux = config.precompute.aux_layer_ids or default_aux_layer_ids(target_layer_count(config.target.path))
+    from eaglecache.train.main import aux_indices
+
+    aux_indices(tc.draft.aux_layer_ids, stored_aux)
     if num_samples < tc.global_batch_size:
         raise UserError(f"{num_samples} samples are fewer than one global batch (train.global_batch_size "
                         f"{tc.global_batch_size})")
