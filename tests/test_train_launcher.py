@@ -18,7 +18,7 @@ from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, loss
 from eaglecache.config import load_config
 from eaglecache.errors import UserError
 from eaglecache.train.checkpoint import COMMIT, KILL_AFTER_CHECKPOINT_ENV, committed_steps, run_fingerprint, tag_of
-from eaglecache.train.launch import exit_status, remove_cpu_allreduce_buffers, write_run_config
+from eaglecache.train.launch import exit_status, remove_cpu_allreduce_buffers, signal_name, write_run_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +101,7 @@ def test_exit_status_of_a_killed_launcher_or_rank_is_128_plus_the_signal():
     assert exit_status(256 - signal.SIGKILL) == 137  # DeepSpeed's launch.py passed a rank's -9 to sys.exit
     assert exit_status(256 - signal.SIGTERM) == 143
     assert exit_status(137) == 137  # already the shell's convention (a rank run through a shell)
+    assert signal_name(9) == "SIGKILL" and signal_name(signal.SIGRTMIN + 3) == f"signal {signal.SIGRTMIN + 3}"
 
 
 def test_runtime_only_settings_do_not_refuse_a_resume(tmp_path):

@@ -158,7 +158,7 @@ def run_train(config, args) -> int:
             remove_cpu_allreduce_buffers(port)
     status = exit_status(rc)
     if status != 0:
-        killed = f"a process was killed by {signal.Signals(status - 128).name}; " if status != rc else ""
+        killed = f"a process was killed by {signal_name(status - 128)}; " if status != rc else ""
         print(f"error: training exited with status {status} ({killed}the rank logs above say why); "
               f"run the same command again to resume from the last checkpoint in {run_dir / 'checkpoints'}",
               file=sys.stderr)
@@ -176,6 +176,13 @@ def exit_status(returncode: int) -> int:
     if returncode > 128 and (256 - returncode) in {int(s) for s in signal.valid_signals()}:
         return 128 + (256 - returncode)
     return returncode
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal without a name of its own
+        return f"signal {number}"
 
 
 def remove_cpu_allreduce_buffers(port: int) -> None:
