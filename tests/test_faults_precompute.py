@@ -7,8 +7,11 @@ command; on the way a second job is started on the running part, a shard renamed
 into place but never recorded is planted, shards are damaged (flipped byte,
 truncated file, deleted directory) then verified and repaired, and the disk fills
 up (the cache moved onto a small tmpfs). The final cache must equal the
-session's uninterrupted ``tiny_cache`` sample by sample, byte for byte. The tests
-below each check one of those outcomes on the recorded scenario.
+session's uninterrupted ``tiny_cache`` sample by sample, byte for byte, and every
+rerun must have resumed rather than started over: each file of each shard recorded
+before a run keeps its inode and mtime through it, and the run computes only the
+samples not yet recorded. The tests below each check one of those outcomes on the
+recorded scenario.
 
 ``EAGLECACHE_FAULT_TRIALS`` / ``EAGLECACHE_FAULT_SEED`` change the number of kills and
 the seed; ``EAGLECACHE_FAULT_REPORT`` names a JSON file the scenario's record is
@@ -22,6 +25,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +54,48 @@ def committed_samples(cache: Path) -> int:
     except (OSError, ValueError):
         return 0
     return sum(s["num_samples"] for s in record["shards"])
+
+
+def committed_shard_files(cache: Path) -> dict[str, tuple[int, int]]:
+    """{path: (inode, mtime_ns)} of every file of every shard that part.json records."""
+    part = cache / "parts" / PART
+    try:
+        record = json.loads((part / "part.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    files = {}
+    for shard in record["shards"]:
+        for path in sorted((part / shard["name"]).rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                files[str(path)] = (st.st_ino, st.st_mtime_ns)
+    return files
+
+
+def touched(before: dict[str, tuple[int, int]]) -> list[str]:
+    """The files of ``before`` that are gone, or replaced or rewritten since (inode or mtime differs)."""
+    changed = []
+    for path, (inode, mtime_ns) in before.items():
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            changed.append(f"{path} (removed)")
+            continue
+        if (st.st_ino, st.st_mtime_ns) != (inode, mtime_ns):
+            changed.append(path)
+    return changed
+
+
+def resumed_as(log_text: str) -> tuple[int, int] | None:
+    """(samples to do, samples already committed) as the run logged them when it opened the part."""
+    match = re.search(rf"{PART}: samples \d+\.\.\d+ \((\d+) to do, (\d+) already committed\)", log_text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def computed(stdout: str) -> int | None:
+    """Samples the run computed and stored itself, from its summary line."""
+    match = re.search(rf"{PART} of .*?: (\d+) samples, ", stdout)
+    return int(match.group(1)) if match else None
 
 
 def lock_is_free(cache: Path) -> bool:
@@ -204,13 +250,16 @@ def scenario(tiny_target, tiny_dataset, tiny_cache, tmp_path_factory):
         for trial in range(TRIALS):
             last = trial == TRIALS - 1
             at, jitter = next_kill_point(rng, committed_samples(cache), num_samples, TRIALS - trial)
+            before, committed_before = committed_shard_files(cache), committed_samples(cache)
             proc = start(command, root / f"trial-{trial}.log")
             if last:  # a second job on the same part while this one holds it
                 record["second_job"] = second_job(command, cache, proc)
             # a scheduler kills the whole job at once; `kill -9` of the driver alone (the last trial) must
             # take its vLLM processes down too, which lags by the driver's own teardown
             result = kill_when(proc, cache, at, jitter, whole_job=not last)
-            result.update(trial=trial, at=at, jitter_s=jitter, whole_job=not last)
+            result.update(trial=trial, at=at, jitter_s=jitter, whole_job=not last, committed_before=committed_before,
+                          shard_files_before=len(before), touched=touched(before),
+                          resumed_as=resumed_as((root / f"trial-{trial}.log").read_text(errors="replace")))
             record["trials"].append(result)
             print(f"trial {trial}: kill the {'driver' if last else 'job'} at >= {at} committed samples "
                   f"+ {jitter} s: {result}")
@@ -224,15 +273,21 @@ def scenario(tiny_target, tiny_dataset, tiny_cache, tmp_path_factory):
             cache = disk / "cache"
             command[command.index("--output") + 1] = str(cache)
             resize(disk, used_bytes(disk) + 600_000)
+            before = committed_shard_files(cache)
             full = subprocess.run(command, capture_output=True, text=True, timeout=900)
             record["disk_full"] = {"rc": full.returncode, "stderr_tail": full.stderr[-3000:],
+                                   "shard_files_before": len(before), "touched": touched(before),
                                    "driver_traceback": any(f'{name}", line' in full.stderr
                                                            for name in ("precompute/run.py", "eaglecache/cli.py")),
                                    "committed": committed_samples(cache), "verify": verify(cache, repair=False)}
             print(f"disk full: rc {full.returncode}, {full.stderr.strip().splitlines()[-1]!r}")
             resize(disk, 256 << 20)
+        before, committed_before = committed_shard_files(cache), committed_samples(cache)
         final = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        record["final"] = {"rc": final.returncode, "stderr_tail": final.stderr[-3000:]}
+        record["final"] = {"rc": final.returncode, "stderr_tail": final.stderr[-3000:],
+                           "num_samples": num_samples, "committed_before": committed_before,
+                           "shard_files_before": len(before), "touched": touched(before),
+                           "resumed_as": resumed_as(final.stderr), "computed": computed(final.stdout)}
         record["equal"] = compare(open_cache(tiny_cache), open_cache(cache)) if final.returncode == 0 else None
         print(f"final run: rc {final.returncode}; equal to the uninterrupted cache: {record['equal']}")
         if os.environ.get("EAGLECACHE_FAULT_REPORT"):
@@ -272,6 +327,24 @@ def test_sigkill_at_random_points_then_restart_gives_the_uninterrupted_cache(sce
     assert any(t["committed_at_kill"] > 0 for t in kills)  # killed mid-run, not only during start-up
     assert scenario["final"]["rc"] == 0, scenario["final"]["stderr_tail"]
     assert scenario["equal"] is True
+
+
+def test_every_rerun_resumes_leaving_committed_shards_untouched_and_computing_only_the_rest(scenario):
+    """A run that ignored its part.json and started over would end in the same cache; this tells them apart."""
+    reruns = [t for t in scenario["trials"] if t["trial"] > 0]
+    assert sum(t["shard_files_before"] > 0 for t in reruns) >= 3, reruns  # most reruns had shards to keep
+    for trial in reruns:
+        assert trial["touched"] == [], trial  # same inode and mtime for every file recorded before the run
+        if not trial["finished_first"]:  # it committed a shard before the kill, so it had logged its plan
+            committed = trial["committed_before"]
+            assert trial["resumed_as"] == (scenario["final"]["num_samples"] - committed, committed), trial
+    final = scenario["final"]
+    assert final["shard_files_before"] > 0 and final["touched"] == [], final
+    missing = final["num_samples"] - final["committed_before"]
+    assert final["resumed_as"] == (missing, final["committed_before"]), final
+    assert 0 < final["computed"] == missing, final  # computed only the samples not yet recorded
+    if not scenario["no_mount"]:
+        assert scenario["disk_full"]["shard_files_before"] > 0 and scenario["disk_full"]["touched"] == []
 
 
 def test_a_killed_job_leaves_no_process_and_no_lock_behind(scenario):
