@@ -5,7 +5,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CODE_DIRS = ["eaglecache", "data", "precompute", "train", "serve"]
-VLLM_ALLOWED = ("precompute/", "serve/", "data/regenerate.py", "data/vllm_engine.py")
+VLLM_ALLOWED = ("precompute/", "serve/", "data/regenerate.py")
 DEEPSPEED_ALLOWED = ("train/",)
 
 

@@ -13,8 +13,8 @@ micro-batches; micro-batch i goes to rank i % world_size as its accumulation
 step i // world_size. So ranks read disjoint samples, and (2 ranks, GA 1) sees
 exactly the micro-batches of (1 rank, GA 2).
 
-Each micro-batch is truncated to ``max_seq_length``, shifted for TTT (design-notes
-section 5: ``input_ids`` and ``final`` left by one with a zero tail; ``aux`` and
+Each micro-batch is truncated to ``max_seq_length``, shifted for TTT (as the
+EAGLE3 trainers do at load time: ``input_ids`` and ``final`` left by one with a zero tail; ``aux`` and
 ``loss_mask`` not shifted; the last ``loss_mask`` position zeroed) and right-padded
 to its longest sample. Worker threads read and decode ahead of the step; the
 position (``state_dict``) counts the steps handed to the trainer, so a resumed run

@@ -1,6 +1,6 @@
 """The TTT unroll and its loss: draft steps 0..K-1 over a batch, soft cross-entropy in chunks.
 
-The algorithm (design-notes section 5). The batch arrives shifted (train/loader.py):
+The algorithm, as the public EAGLE3 trainers agree on it. The batch arrives shifted (train/loader.py):
 ``input_ids[t]`` is the token after position t, ``final[t]`` the target's pre-norm
 state one position later, ``loss_mask`` unshifted with its last position zeroed.
 
