@@ -48,7 +48,9 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(1, ge=1, description="Sequences per rank per forward.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the cache.")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    max_seq_length: Optional[int] = Field(None, ge=8, description="Tokens per sample, longer ones truncated (batches are padded, not packed); null uses data's.")
+    max_seq_length: Optional[int] = Field(
+        None, ge=8, description="Tokens per sample, longer ones truncated (batches are padded, not packed); "
+        "null uses data's.")
     loss_chunk_tokens: int = Field(2048, ge=1, description="Positions per chunk of the LM-head loss.")
     attention: Literal["auto", "reference", "split", "flex"] = Field(
         "auto", description="TTT attention kernel: auto = split (CPU flash kernel) on CPU, flex on CUDA; "
