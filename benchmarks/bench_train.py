@@ -16,8 +16,10 @@ matmul's FLOPs per CPU-second), which ``--threads 1`` makes immune to that. Mode
 only, N = batch * seq, d = head size, T = TTT steps):
 forward = 2N*3H^2 + T*[2N*(2H*(heads + 2*kv)*d + heads*d*H + 3*H*I + H*V) + 4*b*heads*S^2*d]
           + sum_{k<T} 4N*heads*d*k;  a training step = 3 x forward.
-The peer (SpecForge, sdpa) measured 88 tokens/s fp32 and 153 tokens/s bf16 on this
-kind of machine; the targets are >= 55 % MFU and more tokens/s than that.
+The peers' steps (SpecForge's ``OnlineEagle3Model`` and speculators' ``Eagle3DraftModel``, sdpa,
+plain torch AdamW; benchmarks/peer_adapters.py) are measured in the same run, in a child of their
+own, when they are installed (the ``peers`` extra); the targets are >= 55 % MFU and >= 1.1x the
+faster peer's tokens/s. benchmarks/peers.py prints the same comparison as one table.
 
     python benchmarks/bench_train.py                 # fp32 and bf16, 4 timed steps each
     python benchmarks/bench_train.py --dtype bfloat16 --steps 2
@@ -36,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-PEER_TOKENS_PER_S = {"float32": 88.0, "bfloat16": 153.0}
 DIMS = dict(hidden=1024, intermediate=2816, heads=8, kv_heads=2, vocab=8192, seq=2048, ttt=7, batch=1)
 
 
@@ -159,6 +160,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _peer_tokens_per_s(args) -> dict:
+    """dtype -> (tokens/s, model) of the faster installed peer, measured now in a child process ({} if none)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peer_adapters
+
+    if not any(peer_adapters.peer_versions().values()):
+        return {}
+    cmd = [sys.executable, __file__, "--peer-child", "--dtype", *args.dtype, "--steps", str(args.steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("the peers' training step failed (benchmarks/peer_adapters.py)")
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
@@ -168,7 +185,16 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer_child:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import peer_adapters
+
+        rows, _ = peer_adapters.bench_train(steps=args.steps, dtypes=args.dtype, include_ours=False)
+        print("RESULT " + json.dumps({r["dtype"]: max((p["tokens_per_s"], p["model"]) for p in rows
+                                                      if p["dtype"] == r["dtype"]) for r in rows}))
+        return
     if args.child:
         args.dtype = args.dtype[0]
         print("RESULT " + json.dumps(child(args)))
@@ -178,6 +204,7 @@ def main() -> None:
           f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         make_inputs(Path(tmp), num_samples=args.steps + 1)
+        peers = _peer_tokens_per_s(args)
         for dtype in args.dtype:
             cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--steps", str(args.steps),
                    "--workdir", tmp, "--port", str(_free_port()), "--loss-chunk-tokens", str(args.loss_chunk_tokens),
@@ -188,8 +215,10 @@ def main() -> None:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
                 raise SystemExit(f"{dtype} run failed")
             r = json.loads(line[len("RESULT "):])
-            peer = PEER_TOKENS_PER_S[dtype]
-            print(f"{dtype:9s} {r['tokens_per_s']:7.1f} tokens/s (peer {peer:.0f}, x{r['tokens_per_s'] / peer:.2f}) | "
+            peer = peers.get(dtype)
+            vs_peer = (f"faster peer {peer[1].split(' (')[0]} {peer[0]:.1f}, x{r['tokens_per_s'] / peer[0]:.2f}"
+                       if peer else "peers not installed")
+            print(f"{dtype:9s} {r['tokens_per_s']:7.1f} tokens/s ({vs_peer}) | "
                   f"step {r['step_s']:.1f} s | data wait {100 * r['data_wait_fraction']:.1f} % | "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB | {r['model_gflops_per_s']:.0f} model GFLOP/s vs matmul "
                   f"peak {max(r['matmul_peak_gflops']):.0f} (before {r['matmul_peak_gflops'][0]:.0f}, after "

@@ -224,12 +224,13 @@ def speculators_step(d: dict, dtype: torch.dtype):
     return step
 
 
-def bench_train(steps: int = 3, seq: int = 2048, hidden: int = 1024, dtypes=("float32", "bfloat16")) -> list[dict]:
+def bench_train(steps: int = 3, seq: int = 2048, hidden: int = 1024, dtypes=("float32", "bfloat16"),
+                include_ours: bool = True) -> tuple[list[dict], dict]:
     """Rows of (3): median step time of ``steps`` timed steps after one warm-up step, per model and dtype."""
     d = _dims(hidden, seq)
     flops = step_flops(**d)
     versions = peer_versions()
-    models = {"eaglecache Eagle3Draft (split attention)": ("this tree", ours_step)}
+    models = {"eaglecache Eagle3Draft (split attention)": ("this tree", ours_step)} if include_ours else {}
     if versions["specforge"]:
         models["specforge OnlineEagle3Model (sdpa, reference loss)"] = (f"specforge {versions['specforge']}",
                                                                          specforge_step)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_adapters  # noqa: E402  (benchmarks/ is not a package)
 
 A = 3  # aux layers stored
+PREFETCH_AHEAD = 8  # samples hinted ahead of the one being read, in the "+ prefetch" rows
 
 
 # --------------------------------------------------------------------------- the data
@@ -137,7 +138,8 @@ def zarr_reader(path: Path):
 
 
 def readers(layouts: dict[str, Path]) -> list[tuple[str, str, Path, object, bool]]:
-    """(name, version label, files read, read(sample_id) -> tokens, also in stored order) per reader present."""
+    """(name, version label, files read, read(sample_id) -> tokens, also in stored order) per reader present;
+    a ``read`` with a ``prefetch`` attribute is given the next samples' ids ahead of time."""
     from eaglecache.precompute.reader import open_cache
 
     out = []
@@ -146,6 +148,11 @@ def readers(layouts: dict[str, Path]) -> list[tuple[str, str, Path, object, bool
             cache = open_cache(path)
             out.append((f"eaglecache FeatureCache.read, {key[5:]}", "this tree", path,
                         lambda sid, cache=cache: len(cache.read(sid).input_ids), True))
+            ahead = open_cache(path)
+            read_ahead = (lambda sid, cache=ahead: len(cache.read(sid).input_ids))
+            read_ahead.prefetch = ahead.prefetch  # bench_reads hints PREFETCH_AHEAD samples ahead of the read
+            out.append((f"eaglecache FeatureCache.read + prefetch {PREFETCH_AHEAD} ahead, {key[5:]}", "this tree", path,
+                        read_ahead, True))
     first = next(key for key in layouts if key.startswith("ours"))
     out.append((f"previous read path (zarr arrays), {first[5:]}", "zarr", layouts[first], zarr_reader(layouts[first]),
                 False))
@@ -163,8 +170,17 @@ def bench_reads(layouts: dict[str, Path], sample_ids: np.ndarray, seed: int, col
         files, nbytes = _files_bytes(disk)
         for order_name, ids in [("shuffled", shuffled)] + ([("stored", sample_ids)] if also_stored else []):
             dropped = drop_page_cache() if cold else None
+            prefetch = getattr(read, "prefetch", None)
             start = time.perf_counter()
-            tokens = sum(read(int(s)) for s in ids)
+            if prefetch is None:
+                tokens = sum(read(int(s)) for s in ids)
+            else:  # what an epoch can do: it knows its order, so it hints the samples it reads next
+                prefetch(ids[:PREFETCH_AHEAD])
+                tokens = 0
+                for k, s in enumerate(ids):
+                    if k + PREFETCH_AHEAD < len(ids):
+                        prefetch(ids[k + PREFETCH_AHEAD:k + PREFETCH_AHEAD + 1])
+                    tokens += read(int(s))
             elapsed = time.perf_counter() - start
             total_tokens = tokens
             rows.append({"reader": name, "version": version, "order": order_name, "cold": cold, "dropped": dropped,
