@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,7 +162,20 @@ def readers(layouts: dict[str, Path]) -> list[tuple[str, str, Path, object, bool
     return out
 
 
-def bench_reads(layouts: dict[str, Path], sample_ids: np.ndarray, seed: int, cold: bool) -> list[dict]:
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Each row's median rates over repeated runs (the rows of every run are in the same order)."""
+    out = []
+    for rows in zip(*runs):
+        row = dict(rows[0])
+        for key in ("tokens_per_s", "gb_per_s"):
+            row[key] = statistics.median(r[key] for r in rows)
+        row["repeats"] = len(rows)
+        out.append(row)
+    return out
+
+
+def bench_reads(layouts: dict[str, Path], sample_ids: np.ndarray, seed: int, cold: bool,
+                orders: tuple[str, ...] = ("shuffled", "stored")) -> list[dict]:
     """One pass per reader and order (each cold if ``cold``) and a sequential read of each cache; table rows."""
     shuffled = np.random.Generator(np.random.PCG64([seed, 0])).permutation(sample_ids)
     total_tokens = None
@@ -169,6 +183,8 @@ def bench_reads(layouts: dict[str, Path], sample_ids: np.ndarray, seed: int, col
     for name, version, disk, read, also_stored in readers(layouts):
         files, nbytes = _files_bytes(disk)
         for order_name, ids in [("shuffled", shuffled)] + ([("stored", sample_ids)] if also_stored else []):
+            if order_name not in orders:
+                continue
             dropped = drop_page_cache() if cold else None
             prefetch = getattr(read, "prefetch", None)
             start = time.perf_counter()
@@ -227,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="our cache variants as codec:chunk_tokens, comma-separated (the first is the default's)")
     parser.add_argument("--skip-reads", action="store_true")
     parser.add_argument("--warm-only", action="store_true", help="no cold passes (leaves the page cache alone)")
+    parser.add_argument("--cold-only", action="store_true", help="no warm passes")
+    parser.add_argument("--orders", nargs="+", default=["shuffled", "stored"], choices=["shuffled", "stored"])
+    parser.add_argument("--repeat", type=int, default=3, help="read passes per row; the table shows the median")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--train-steps", type=int, default=3, help="timed steps per model and dtype (after 1 warm-up)")
     parser.add_argument("--train-seq", type=int, default=2048)
@@ -240,10 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.ours.split(",")]
             layouts = write_all_layouts(Path(tmp), args.samples, args.mean_tokens, args.hidden, variants)
             ids = np.arange(args.samples, dtype=np.int64)
-            rows = [] if args.warm_only else bench_reads(layouts, ids, seed=0, cold=True)
-            rows += bench_reads(layouts, ids, seed=0, cold=False)
+            orders = tuple(args.orders)
+            runs = []
+            for _ in range(args.repeat):
+                rows = [] if args.warm_only else bench_reads(layouts, ids, seed=0, cold=True, orders=orders)
+                runs.append(rows + ([] if args.cold_only else bench_reads(layouts, ids, seed=0, cold=False,
+                                                                          orders=orders)))
+            rows = median_rows(runs)
             print(f"read set: {args.samples} samples, {args.mean_tokens} tokens on average, hidden {args.hidden}, "
-                  f"{A} aux + final, bf16; ours zstd level 1, 65536-token shards; one thread; page cache "
+                  f"{A} aux + final, bf16; ours level 1, 65536-token shards; one thread; median of {args.repeat}; page cache "
                   f"{'not dropped (--warm-only)' if args.warm_only else 'dropped before each cold pass' if rows[0]['dropped'] else 'NOT dropped (needs root)'}")
             print_read_table(rows)
     if not args.skip_train:

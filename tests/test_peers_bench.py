@@ -31,7 +31,7 @@ def test_peers_benchmark_prints_every_reader_and_model_at_a_tiny_size(tmp_path, 
     import peers
 
     assert peers.main(["--samples", "12", "--mean-tokens", "24", "--hidden", "32", "--ours", "zstd:16,none:16",
-                       "--warm-only", "--workdir", str(tmp_path), "--train-steps", "1", "--train-seq", "32",
+                       "--warm-only", "--repeat", "1", "--workdir", str(tmp_path), "--train-steps", "1", "--train-seq", "32",
                        "--train-hidden", "64", "--train-dtypes", "float32"]) == 0
     out = capsys.readouterr().out
     reads = [line for line in out.splitlines() if " warm " in line]

@@ -131,3 +131,38 @@ def test_prefetch_hints_the_bytes_a_read_then_takes_and_changes_nothing(tmp_path
     assert sorted(state_reads) == sorted(hinted)
     for a, b in zip(got, expected):
         assert torch.equal(a.aux.view(torch.int16), b.aux.view(torch.int16)) and np.array_equal(a.input_ids, b.input_ids)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_a_cache_in_s3_reads_the_same_bytes_by_ranged_reads(tmp_path, monkeypatch, codec):
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import fsspec
+
+    cache = _write_cache(tmp_path / "local", codec=codec, num_samples=12, seed=5)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        fsspec.config.conf.pop("s3", None)
+        fsspec.filesystem("s3").clear_instance_cache()
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="reader")
+        for f in sorted((tmp_path / "local").rglob("*")):
+            if f.is_file():
+                client.upload_file(str(f), "reader", f"c/{f.relative_to(tmp_path / 'local').as_posix()}")
+        remote = open_cache("s3://reader/c")
+        assert isinstance(remote.shard(0).array("aux"), shardread.ShardArray)  # not zarr's FsspecStore
+        remote.prefetch(list(remote.sample_ids))  # a hint: nothing to do for a URL
+        for sid in np.random.default_rng(0).permutation(cache.sample_ids):
+            a, b = remote.read(int(sid)), cache.read(int(sid))
+            assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.loss_mask, b.loss_mask)
+            assert torch.equal(a.aux.view(torch.int16), b.aux.view(torch.int16))
+            assert torch.equal(a.final.view(torch.int16), b.final.view(torch.int16))
+    finally:
+        server.stop()
