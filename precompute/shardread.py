@@ -1,18 +1,24 @@
 """Reads token ranges of a cache shard's per-token arrays straight from the shard files' bytes.
 
-Why: reading one ~210-token sample through zarr cost ~0.1 ms of Python per array call (zarr's
-asyncio machinery, codec pipeline set-up, a sharding-index read per call) and decoded whole
-inner chunks for every array, so ``FeatureCache.read`` ran at 14k tokens/s where the disk
-gives 230k (issue 15). The shard files are plain zarr ``sharding_indexed`` files
-(precompute/shardfile.py writes them; zarr v3 spec, sharding codec): inner chunks of
-``chunk_shape[0]`` rows, then the index, one little-endian (offset, nbytes) uint64 pair per
-inner chunk and the CRC-32C of those bytes. So a shard's metadata is parsed once, each
-array's index is read and checked once, and a read of rows ``start:stop`` is:
+Why: ``FeatureCache.read`` went through zarr for every array of every sample: zarr's asyncio
+machinery and codec pipeline per call, the sharding index looked up per call, whole inner chunks
+read and decoded. On the demo's cache (~210-token samples, 1,024-token zstd chunks) that read
+14k tokens/s in shuffled order where the disk gives 230k (issue 15). The shard files are plain
+zarr ``sharding_indexed`` files (precompute/shardfile.py writes them; zarr v3 spec, sharding
+codec): inner chunks of ``chunk_shape[0]`` rows, then the index, one little-endian (offset,
+nbytes) uint64 pair per inner chunk and the CRC-32C of those bytes. So a shard's metadata is
+parsed once, each array's index is read and checked once, and a read of rows ``start:stop`` is:
 
 - codec ``none``: ONE read of exactly those rows' bytes (chunks written back to back, as our
   writer writes them, are one byte range), no decode, no copy beyond the read itself;
 - compressed (``zstd``, ``blosc``): one read per run of adjacent inner chunks, each chunk
   decoded with numcodecs, the very codec objects zarr's own ``ZstdCodec``/``BloscCodec`` call.
+  What remains is inherent to the layout: a sample decodes the whole chunks it touches (1,024-token
+  chunks cost ~5x the bytes of a 210-token sample; ``chunk_tokens`` 64 ~1.3x), and zstd decodes
+  at ~0.8 GB/s per core here, so a cache read in shuffled order is fastest uncompressed;
+- arrays of at most ``WHOLE_FILE_BYTES`` (token ids, masks, FP8 scales) are read whole once per shard;
+- ``prefetch`` hints the kernel (``POSIX_FADV_WILLNEED``) to fetch ranges read soon, so the disk
+  works while the reader decodes.
 
 Any other layout (a codec we do not decode, chunks not made of whole rows) reports
 ``supported() == False`` and the caller reads it through zarr. tests/test_reader.py checks the
