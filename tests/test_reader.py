@@ -166,3 +166,28 @@ def test_a_cache_in_s3_reads_the_same_bytes_by_ranged_reads(tmp_path, monkeypatc
             assert torch.equal(a.final.view(torch.int16), b.final.view(torch.int16))
     finally:
         server.stop()
+
+
+def test_the_loader_hints_every_micro_batch_it_queues_and_its_batches_do_not_change(tmp_path, monkeypatch):
+    import threading
+
+    from eaglecache.precompute.reader import FeatureCache
+    from eaglecache.train.loader import SamplePlan, StreamingLoader
+
+    cache = _write_cache(tmp_path, codec="zstd", num_samples=16, seed=6)
+    hinted = []  # by the loop that queues micro-batches (workers also hint within their batch)
+    original = FeatureCache.prefetch
+    monkeypatch.setattr(FeatureCache, "prefetch", lambda self, ids: (
+        hinted.extend(int(s) for s in ids) if threading.current_thread() is threading.main_thread() else None,
+        original(self, ids))[1])
+    plan = SamplePlan(cache.sample_ids, cache.num_tokens_array(), seed=3, global_batch_size=4,
+                      micro_batch_size=2, world_size=1)
+    threaded = list(StreamingLoader(cache, plan, rank=0, max_seq_length=64, total_steps=4, workers=2, prefetch=2))
+    queued = list(hinted)  # the inline run below hints within its batches, on this thread
+    inline = list(StreamingLoader(open_cache(tmp_path), plan, rank=0, max_seq_length=64, total_steps=4, workers=0))
+    read = [sid for _, batches in threaded for b in batches for sid in b.sample_ids]
+    assert sorted(queued) == sorted(read) and len(read) == 16
+    for (step_a, a), (step_b, b) in zip(threaded, inline):
+        assert step_a == step_b
+        for x, y in zip(a, b):
+            assert x.sample_ids == y.sample_ids and torch.equal(x.aux.view(torch.int16), y.aux.view(torch.int16))

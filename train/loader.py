@@ -196,10 +196,12 @@ class StreamingLoader:
                 for mb in self.plan.rank_micro_batches(step, self.rank))
         per_step = self.plan.accumulation_steps
         if self.workers == 0:
-            pending = None
+            pending = hint = None
         else:
             pool = ThreadPoolExecutor(self.workers, thread_name_prefix="eaglecache-loader")
             pending = collections.deque()
+            # this thread's own source (workers read their copies); a hint only moves pages into the page cache
+            hint = getattr(self.source, "prefetch", None)
         try:
             batches = []
             while True:
@@ -213,6 +215,8 @@ class StreamingLoader:
                         item = next(work, None)
                         if item is None:
                             break
+                        if hint is not None:  # the disk fetches queued micro-batches while workers decode
+                            hint(item[1])
                         pending.append((item[0], pool.submit(self.load_micro_batch, item[1])))
                     if not pending:
                         return
