@@ -332,7 +332,7 @@ def test_sigkill_at_random_points_then_restart_gives_the_uninterrupted_cache(sce
 def test_every_rerun_resumes_leaving_committed_shards_untouched_and_computing_only_the_rest(scenario):
     """A run that ignored its part.json and started over would end in the same cache; this tells them apart."""
     reruns = [t for t in scenario["trials"] if t["trial"] > 0]
-    assert sum(t["shard_files_before"] > 0 for t in reruns) >= 3, reruns  # most reruns had shards to keep
+    assert reruns and all(t["shard_files_before"] > 0 for t in reruns), reruns  # each had shards to keep
     for trial in reruns:
         assert trial["touched"] == [], trial  # same inode and mtime for every file recorded before the run
         if not trial["finished_first"]:  # it committed a shard before the kill, so it had logged its plan
