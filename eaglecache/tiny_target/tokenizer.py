@@ -3,7 +3,8 @@
 The chat template wraps each assistant message's content and its ``<|im_end|>`` in
 ``{% generation %}...{% endgeneration %}``, so ``apply_chat_template(...,
 return_assistant_tokens_mask=True, return_dict=True)`` gives the loss mask directly
-(design-notes section 8). Saved as a ``PreTrainedTokenizerFast``.
+(transformers 5.x returns it as ``assistant_masks``: exactly the assistant text plus the
+end-of-turn token inside the tags). Saved as a ``PreTrainedTokenizerFast``.
 """
 
 from __future__ import annotations
