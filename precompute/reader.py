@@ -83,7 +83,12 @@ def storage_options(url: str) -> dict[str, Any]:
         return {}
     retries = {"mode": os.environ.get("AWS_RETRY_MODE") or S3_RETRIES["mode"],
                "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_RETRIES["max_attempts"])}
-    return {"config_kwargs": {"retries": retries}}
+    options: dict[str, Any] = {"config_kwargs": {"retries": retries}}
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        # fsspec reuses filesystem instances with equal arguments: naming the endpoint keeps an instance
+        # made for one server from serving a later AWS_ENDPOINT_URL (botocore reads the variable only once)
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    return options
 
 
 class CacheFiles:
