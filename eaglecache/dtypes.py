@@ -58,10 +58,6 @@ def resolve_dtype(requested: str, what: str, device: str | None = None) -> str:
     return requested
 
 
-def resolve_torch_dtype(requested: str, what: str, device: str | None = None) -> torch.dtype:
-    return TORCH_DTYPES[resolve_dtype(requested, what, device)]
-
-
 @functools.cache
 def _warn_once(what: str) -> None:
     log.warning(SLOW_BF16_WARNING.format(what=what))
