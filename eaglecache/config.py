@@ -93,6 +93,10 @@ class TargetConfig(Section):
 
     # memory sizing never changes what the target computes: artifacts do not record it
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("gpu_memory_utilization", "kv_cache_gib")
+    # how vLLM runs the target (its parallelism, graphs, context limit): part of a cache's identity, since
+    # they can change vLLM's numerics, but not of a stage that never starts vLLM (training reads the cache,
+    # whose fingerprint pins them, or runs the target in transformers)
+    VLLM_ONLY: ClassVar[tuple[str, ...]] = ("tensor_parallel_size", "enforce_eager", "max_model_len")
 
     def compute_dtype(self, device: Optional[str] = None) -> str:
         """``dtype`` resolved for ``device`` of this machine (CUDA when present, else the CPU)."""
@@ -122,11 +126,18 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def fingerprint(self, *sections: str) -> str:
-        """sha256 of the named sections (all when none), for artifact provenance."""
-        full = self.to_dict()
-        picked = {k: full[k] for k in sections} if sections else full
-        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+    def identity(self, *sections: str, vllm: bool = True) -> dict[str, Any]:
+        """The named sections (all when none) without their runtime-only settings (eaglecache/section.py);
+        ``vllm=False`` for a stage that never starts vLLM also drops the target's ``VLLM_ONLY`` settings."""
+        out = {}
+        for name in sections or type(self).model_fields:
+            section = getattr(self, name)
+            out[name] = section.identity(drop=() if vllm or name != "target" else TargetConfig.VLLM_ONLY)
+        return out
+
+    def fingerprint(self, *sections: str, vllm: bool = True) -> str:
+        """sha256 of ``identity(*sections)``: what an artifact records and a resume or join compares."""
+        return hashlib.sha256(json.dumps(self.identity(*sections, vllm=vllm), sort_keys=True).encode()).hexdigest()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,6 +1,6 @@
 """Config of the precompute stage: the vLLM engine, which layers to dump, the store codec."""
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -37,5 +37,10 @@ class PrecomputeConfig(Section):
     )
     num_shards: int = Field(1, ge=1, description="Number of independent precompute jobs the data set is split into.")
     shard_index: int = Field(0, ge=0, description="Which of the num_shards parts this job writes.")
+
+    # the writer's parallelism and memory, and which part a job writes, never change a stored value (the
+    # resolved tensor parallel size and the number of parts are recorded at the top of the cache metadata)
+    RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("tensor_parallel_size", "batch_size", "max_pending_gib",
+                                               "num_shards", "shard_index")
 
     _aux_order = field_validator("aux_layer_ids")(strictly_ascending)

@@ -31,9 +31,6 @@ from eaglecache.errors import UserError
 log = logging.getLogger(__name__)
 
 LAYER_CONVENTION = "vllm: id k = residual stream after k decoder layers = HF hidden_states[k]"
-# precompute settings that change what is stored; the rest (memory, batching, which job) do not,
-# and the jobs of one cache must agree on cache.json
-CONTENT_KEYS = ("aux_layer_ids", "shard_tokens", "chunk_tokens", "codec", "codec_level", "fp8")
 
 
 def split_parts(num_tokens: np.ndarray, num_parts: int) -> list[tuple[int, int]]:
@@ -84,8 +81,7 @@ def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_p
         "chunk_tokens": pc.chunk_tokens,
         "shard_tokens": pc.shard_tokens,
         "num_parts": num_parts,
-        "config": {"target": config.target.model_dump(mode="json", exclude=set(config.target.RUNTIME_ONLY)),
-                   "precompute": {k: getattr(pc, k) for k in CONTENT_KEYS}},
+        "config": config.identity("target", "precompute"),
     }
 
 

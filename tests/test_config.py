@@ -143,3 +143,20 @@ def test_cli_aux_layer_ids_out_of_order_is_one_line_and_exit_2(capsys):
     assert main(["train", "--output", "x", "train.draft.aux_layer_ids=[4,2]"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "strictly ascending" in err and "\n" not in err
+
+
+def test_one_identity_rule_honours_runtime_only_settings():
+    """Memory sizing, writer parallelism and logging never change an artifact's fingerprint; a content
+    setting does; the target's vLLM-only settings count for a cache but not for a training run."""
+    from eaglecache.train.checkpoint import run_fingerprint
+
+    base = load_config(None)
+    runtime = load_config(None, ["target.kv_cache_gib=3", "precompute.batch_size=7", "train.log_interval=3",
+                                 "train.launcher.num_gpus=1"])
+    assert base.fingerprint("target", "precompute") == runtime.fingerprint("target", "precompute")
+    assert run_fingerprint(base) == run_fingerprint(runtime)
+    tp = load_config(None, ["target.tensor_parallel_size=2"])
+    assert base.fingerprint("target", "precompute") != tp.fingerprint("target", "precompute")
+    assert run_fingerprint(base) == run_fingerprint(tp)
+    assert run_fingerprint(base) != run_fingerprint(load_config(None, ["train.ttt_decay=0.7"]))
+    assert base.fingerprint("precompute") != load_config(None, ["precompute.codec=none"]).fingerprint("precompute")

@@ -61,27 +61,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-# train settings that do not change what is trained (how it is launched, logged, read, saved)
-NOT_RESULT_KEYS = ("launcher", "log_interval", "checkpoint_interval", "keep_checkpoints", "loader_workers", "prefetch")
-# target settings of how vLLM runs it, besides its memory sizing: training never starts vLLM (a cache
-# was computed before; the online source runs the target in transformers), so they cannot change it
-TARGET_VLLM_ONLY_KEYS = ("tensor_parallel_size", "enforce_eager", "max_model_len")
-
-
 def run_fingerprint(config) -> str:
-    """sha256 of the settings a resumed run must share with the run it continues.
-
-    Left out: the target's memory sizing (``TargetConfig.RUNTIME_ONLY``: how much memory vLLM takes, never
-    what it computes), its other vLLM-only settings and the train settings of NOT_RESULT_KEYS. Kept:
-    everything that can change the weights even in the last bit (the attention kernel, loss chunking,
-    gradient checkpointing, dtypes)."""
-    import hashlib
-
-    tree = config.to_dict()
-    left_out = (*type(config.target).RUNTIME_ONLY, *TARGET_VLLM_ONLY_KEYS)
-    target = {k: v for k, v in tree["target"].items() if k not in left_out}
-    train = {k: v for k, v in tree["train"].items() if k not in NOT_RESULT_KEYS}
-    return hashlib.sha256(json.dumps({"target": target, "train": train}, sort_keys=True).encode()).hexdigest()
+    """sha256 of the settings a resumed run must share with the run it continues: the identity of the
+    target and train sections (eaglecache/section.py), without the target's vLLM-only settings, since
+    training never starts vLLM. Kept: everything that can change the weights even in the last bit (the
+    attention kernel, loss chunking, gradient checkpointing, dtypes)."""
+    return config.fingerprint("target", "train", vllm=False)
 
 
 def committed_steps(run_dir: Path) -> list[int]:

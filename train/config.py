@@ -1,6 +1,6 @@
 """Config of the train stage: draft architecture, TTT, optimizer, DeepSpeed, loader, logging."""
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -64,3 +64,7 @@ class TrainConfig(Section):
     subset_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Deterministic fraction of samples to train on.")
     draft: DraftConfig = Field(default_factory=DraftConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+    # how the run is launched, logged, read and saved: none of these changes a trained weight
+    RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("launcher", "log_interval", "checkpoint_interval",
+                                               "keep_checkpoints", "loader_workers", "prefetch")
