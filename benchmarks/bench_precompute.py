@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_dataset(path: Path, vocab: int, num_samples: int, num_tokens: int, target) -> None:
-    from eaglecache.data.schema import write_dataset
+    from eaglecache.data.writer import write_dataset
     from eaglecache.target import chat_template_hash, tokenizer_hash
 
     rng = np.random.default_rng(0)
@@ -51,7 +51,7 @@ def make_dataset(path: Path, vocab: int, num_samples: int, num_tokens: int, targ
 
 
 def bench_prefill(config, target, data: Path, work: Path, reps: int) -> dict:
-    from eaglecache.data.schema import open_dataset
+    from eaglecache.formats.dataset import open_dataset
     from eaglecache.precompute.engine import build_engine, prefill
     from eaglecache.precompute.run import resolve_layers, run_precompute
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from eaglecache.data import sources
 from eaglecache.data.config import DataConfig
-from eaglecache.data.schema import write_dataset
+from eaglecache.data.writer import write_dataset
 from eaglecache.data.template import ChatTemplate, RenderError
 from eaglecache.errors import UserError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from eaglecache.data.schema import open_dataset
+from eaglecache.formats.dataset import open_dataset
 from eaglecache.errors import UserError
 from eaglecache.target import target_config, tokenizer_hash
 

@@ -84,7 +84,7 @@ def _entries(path: Path) -> set[str]:
 
 
 def prepared_dataset(path: Path) -> bool:
-    from eaglecache.data.schema import DATASET_FORMAT, METADATA_FILE
+    from eaglecache.formats.dataset import DATASET_FORMAT, METADATA_FILE
 
     return _json_format(path / METADATA_FILE, DATASET_FORMAT)
 

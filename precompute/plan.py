@@ -84,7 +84,7 @@ def _target_dims(config) -> tuple[int, int]:
 
 
 def _dataset_counts(dataset: str) -> tuple[int, int]:
-    from eaglecache.data.schema import open_dataset
+    from eaglecache.formats.dataset import open_dataset
 
     meta = open_dataset(dataset).metadata
     return int(meta["num_samples"]), int(meta["num_tokens"])

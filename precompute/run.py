@@ -117,7 +117,7 @@ def resolve_layers(config, target_path) -> tuple[list[int], int]:
 
 def run_precompute(config, args, llm=None) -> int:
     """Write this job's part of the cache. ``llm``: an engine from ``build_engine`` to reuse (tests)."""
-    from eaglecache.data.schema import open_dataset
+    from eaglecache.formats.dataset import open_dataset
     from eaglecache.precompute.engine import build_engine
     from eaglecache.precompute.ownership import PartLock
     from eaglecache.precompute.store import create_or_check_cache, part_name

@@ -10,7 +10,7 @@ from eaglecache.config import load_config
 from eaglecache.data import regenerate
 from eaglecache.data.config import DataConfig
 from eaglecache.data.prepare import prepare_dataset
-from eaglecache.data.schema import open_dataset
+from eaglecache.formats.dataset import open_dataset
 from eaglecache.data.sharegpt import iter_sharegpt, sharegpt_path
 from eaglecache.data.template import ChatTemplate
 from eaglecache.errors import UserError

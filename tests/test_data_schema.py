@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from eaglecache.data import schema
+from eaglecache.data import writer
+from eaglecache.formats import dataset
 from eaglecache.errors import UserError
 
 
@@ -20,15 +21,15 @@ def _rows(n, seed=0):
 
 
 def test_round_trip_across_parts_and_row_groups(tmp_path, monkeypatch):
-    monkeypatch.setattr(schema, "ROWS_PER_PART", 2 * schema.ROWS_PER_GROUP)
-    rows = _rows(3 * schema.ROWS_PER_GROUP + 7)
-    meta = schema.write_dataset(tmp_path / "ds", iter(rows), {"report": {"records_in": len(rows)}})
+    monkeypatch.setattr(writer, "ROWS_PER_PART", 2 * dataset.ROWS_PER_GROUP)
+    rows = _rows(3 * dataset.ROWS_PER_GROUP + 7)
+    meta = writer.write_dataset(tmp_path / "ds", iter(rows), {"report": {"records_in": len(rows)}})
     assert meta["num_parts"] == 2
-    ds = schema.open_dataset(tmp_path / "ds")
+    ds = dataset.open_dataset(tmp_path / "ds")
     assert len(ds) == len(rows) == ds.metadata["num_samples"]
     assert ds.metadata["num_tokens"] == sum(len(r["input_ids"]) for r in rows)
     assert ds.metadata["num_loss_tokens"] == sum(int(r["loss_mask"].sum()) for r in rows)
-    for sample_id in [0, 1, schema.ROWS_PER_GROUP - 1, schema.ROWS_PER_GROUP, 2 * schema.ROWS_PER_GROUP,
+    for sample_id in [0, 1, dataset.ROWS_PER_GROUP - 1, dataset.ROWS_PER_GROUP, 2 * dataset.ROWS_PER_GROUP,
                       len(rows) - 1, 5]:
         sample, row = ds.sample(sample_id), rows[sample_id]
         assert sample["input_ids"].dtype == np.int32 and sample["loss_mask"].dtype == np.uint8
@@ -43,44 +44,44 @@ def test_round_trip_across_parts_and_row_groups(tmp_path, monkeypatch):
 
 def test_dataset_hash_depends_on_tokens_and_order(tmp_path):
     rows = _rows(20)
-    a = schema.write_dataset(tmp_path / "a", rows, {})["dataset_hash"]
-    assert schema.write_dataset(tmp_path / "b", rows, {})["dataset_hash"] == a
-    assert schema.write_dataset(tmp_path / "c", rows[::-1], {})["dataset_hash"] != a
+    a = writer.write_dataset(tmp_path / "a", rows, {})["dataset_hash"]
+    assert writer.write_dataset(tmp_path / "b", rows, {})["dataset_hash"] == a
+    assert writer.write_dataset(tmp_path / "c", rows[::-1], {})["dataset_hash"] != a
     rows[3]["input_ids"] = rows[3]["input_ids"] + 1
-    assert schema.write_dataset(tmp_path / "d", rows, {})["dataset_hash"] != a
+    assert writer.write_dataset(tmp_path / "d", rows, {})["dataset_hash"] != a
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_set(tmp_path):
-    schema.write_dataset(tmp_path / "ds", _rows(5), {"tag": "old"})
+    writer.write_dataset(tmp_path / "ds", _rows(5), {"tag": "old"})
 
     def failing():
         yield from _rows(300)
         raise RuntimeError("reader died")
 
     with pytest.raises(RuntimeError):
-        schema.write_dataset(tmp_path / "ds", failing(), {"tag": "new"})
+        writer.write_dataset(tmp_path / "ds", failing(), {"tag": "new"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
-    assert schema.open_dataset(tmp_path / "ds").metadata["tag"] == "old"
+    assert dataset.open_dataset(tmp_path / "ds").metadata["tag"] == "old"
 
 
 def test_unknown_version_and_missing_set_are_refused(tmp_path):
     with pytest.raises(UserError, match="not a prepared data set"):
-        schema.open_dataset(tmp_path / "nothing")
-    schema.write_dataset(tmp_path / "ds", _rows(3), {})
-    meta_path = tmp_path / "ds" / schema.METADATA_FILE
+        dataset.open_dataset(tmp_path / "nothing")
+    writer.write_dataset(tmp_path / "ds", _rows(3), {})
+    meta_path = tmp_path / "ds" / dataset.METADATA_FILE
     meta = json.loads(meta_path.read_text())
-    meta["version"] = schema.DATASET_VERSION + 1
+    meta["version"] = dataset.DATASET_VERSION + 1
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="version"):
-        schema.open_dataset(tmp_path / "ds")
+        dataset.open_dataset(tmp_path / "ds")
 
 
 def test_row_groups_are_bounded_in_tokens(tmp_path, monkeypatch):
-    monkeypatch.setattr(schema, "TOKENS_PER_GROUP", 500)
-    monkeypatch.setattr(schema, "ROWS_PER_PART", 100)
+    monkeypatch.setattr(writer, "TOKENS_PER_GROUP", 500)
+    monkeypatch.setattr(writer, "ROWS_PER_PART", 100)
     rows = _rows(400, seed=1)
-    schema.write_dataset(tmp_path / "ds", rows, {})
-    ds = schema.open_dataset(tmp_path / "ds")
+    writer.write_dataset(tmp_path / "ds", rows, {})
+    ds = dataset.open_dataset(tmp_path / "ds")
     import pyarrow.parquet as pq
 
     group_tokens = [sum(f.read_row_group(g, columns=["num_tokens"]).column(0).to_pylist())

@@ -8,7 +8,7 @@ import pytest
 from eaglecache.cli import main
 from eaglecache.data.config import DataConfig
 from eaglecache.data.prepare import prepare_dataset
-from eaglecache.data.schema import open_dataset
+from eaglecache.formats.dataset import open_dataset
 from eaglecache.data.vocab import build_vocab, load_vocab, save_vocab
 from eaglecache.errors import UserError
 from eaglecache.target import target_config

@@ -87,7 +87,7 @@ def conversations(tmp_path_factory):
 
 @pytest.mark.parametrize("existing", ["unrelated directory", "unrelated file", "its own data set"])
 def test_data_prepare_replaces_only_what_it_was_allowed_to(existing, conversations, tiny_target, tmp_path, capsys):
-    from eaglecache.data.schema import open_dataset
+    from eaglecache.formats.dataset import open_dataset
 
     out = tmp_path / "data"
     argv = ["data", "prepare", "--input", str(conversations), "--output", str(out), f"target.path={tiny_target}"]

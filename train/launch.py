@@ -56,7 +56,7 @@ def check_inputs(config, args) -> None:
         num_samples = len(cache.sample_ids)
         stored_aux = cache.metadata["aux_layer_ids"]
     else:
-        from eaglecache.data.schema import open_dataset
+        from eaglecache.formats.dataset import open_dataset
         from eaglecache.target import default_aux_layer_ids, target_layer_count
 
         if not args.data:

@@ -32,7 +32,7 @@ class OnlineFeatures:
         from transformers import AutoModelForCausalLM
 
         from eaglecache import target
-        from eaglecache.data.schema import open_dataset
+        from eaglecache.formats.dataset import open_dataset
         from eaglecache.dtypes import TORCH_DTYPES
 
         self.dataset = open_dataset(data_dir)
