@@ -1,9 +1,10 @@
-"""``eaglecache data vocab``: the reduced draft vocabulary, ``eaglecache.vocab`` v1 (docs/formats.md section 3).
+"""``eaglecache data vocab``: the reduced draft vocabulary, written as ``eaglecache.vocab`` v1 (formats/vocab.py).
 
 The draft vocab is the ``draft_vocab_size`` target tokens seen most often among loss-masked tokens of
 a prepared data set (ties broken by the smaller token id), listed in ascending target id. Saved as
 safetensors: ``d2t`` int64[draft_vocab] offsets (target id = draft id + d2t[draft id]) and ``t2d``
-bool[vocab] (target id is in the draft vocab). precompute, train and export all read this one file.
+bool[vocab] (target id is in the draft vocab); eaglecache/formats/vocab.py owns the format and its
+reader, which precompute, train and export use.
 With ``draft_vocab_size`` null the draft keeps the full vocab and shares the target's LM head: no
 mapping exists, and vLLM refuses a full-vocab draft that carries ``d2t``, so nothing is written.
 """
@@ -16,12 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from eaglecache.formats.dataset import open_dataset
 from eaglecache.errors import UserError
+from eaglecache.formats.dataset import open_dataset
+from eaglecache.formats.vocab import D2T, T2D, header
 from eaglecache.target import target_config, tokenizer_hash
-
-VOCAB_FORMAT = "eaglecache.vocab"
-VOCAB_VERSION = 1
 
 
 def count_loss_tokens(dataset, vocab_size: int, show_progress: bool = True) -> np.ndarray:
@@ -57,30 +56,11 @@ def save_vocab(path: str | Path, d2t: np.ndarray, t2d: np.ndarray, metadata: dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    meta = {"format": VOCAB_FORMAT, "version": str(VOCAB_VERSION), **{k: str(v) for k, v in metadata.items()}}
     try:
-        save_file({"d2t": torch.from_numpy(d2t), "t2d": torch.from_numpy(t2d)}, str(tmp), metadata=meta)
+        save_file({D2T: torch.from_numpy(d2t), T2D: torch.from_numpy(t2d)}, str(tmp), metadata=header(metadata))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def load_vocab(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """(d2t, t2d, metadata) of a vocab mapping; refuses a missing file or an unknown format/version."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"vocab mapping not found: {path}")
-    try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != VOCAB_FORMAT or meta.get("version") != str(VOCAB_VERSION):
-                raise UserError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} "
-                                f"is not {VOCAB_FORMAT!r} version {VOCAB_VERSION}")
-            return f.get_tensor("d2t"), f.get_tensor("t2d"), meta
-    except (OSError, ValueError) as exc:  # safetensors reports a damaged file as one of these
-        raise UserError(f"{path}: not a readable safetensors vocab mapping ({exc})") from None
 
 
 def build_vocab(dataset_dir: str | Path, output: str | Path, draft_vocab_size: int | None,

@@ -94,15 +94,9 @@ def regenerated_file(path: Path) -> bool:
 
 
 def vocab_file(path: Path) -> bool:
-    from safetensors import safe_open
+    from eaglecache.formats.vocab import is_vocab_file
 
-    from eaglecache.data.vocab import VOCAB_FORMAT
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            return (f.metadata() or {}).get("format") == VOCAB_FORMAT
-    except Exception:  # safetensors' own error type for a file that is not safetensors
-        return False
+    return is_vocab_file(path)
 
 
 def feature_cache(path: Path) -> bool:

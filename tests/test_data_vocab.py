@@ -9,7 +9,8 @@ from eaglecache.cli import main
 from eaglecache.data.config import DataConfig
 from eaglecache.data.prepare import prepare_dataset
 from eaglecache.formats.dataset import open_dataset
-from eaglecache.data.vocab import build_vocab, load_vocab, save_vocab
+from eaglecache.data.vocab import build_vocab, save_vocab
+from eaglecache.formats.vocab import read_vocab
 from eaglecache.errors import UserError
 from eaglecache.target import target_config
 
@@ -32,7 +33,7 @@ def dataset_dir(tmp_path_factory, tiny_target):
 
 def test_draft_vocab_is_the_most_frequent_loss_masked_tokens(tmp_path, dataset_dir, tiny_target):
     meta = build_vocab(dataset_dir, tmp_path / "vocab.safetensors", DRAFT, tiny_target, show_progress=False)
-    d2t, t2d, stored = load_vocab(tmp_path / "vocab.safetensors")
+    d2t, t2d, stored = read_vocab(tmp_path / "vocab.safetensors")
     vocab_size = target_config(tiny_target)["vocab_size"]
     assert d2t.dtype == np.int64 and d2t.shape == (DRAFT,)
     assert t2d.dtype == bool and t2d.shape == (vocab_size,) and t2d.sum() == DRAFT
@@ -65,7 +66,7 @@ def test_cli_writes_the_mapping_and_rejects_bad_sizes(tmp_path, dataset_dir, tin
     out = tmp_path / "vocab.safetensors"
     assert main(["data", "vocab", "--input", str(dataset_dir), "--output", str(out),
                  f"target.path={tiny_target}", f"data.draft_vocab_size={DRAFT}"]) == 0
-    assert load_vocab(out)[0].shape == (DRAFT,) and "covers" in capsys.readouterr().out
+    assert read_vocab(out)[0].shape == (DRAFT,) and "covers" in capsys.readouterr().out
     assert main(["data", "vocab", "--input", str(dataset_dir), "--output", str(tmp_path / "big.safetensors"),
                  f"target.path={tiny_target}", "data.draft_vocab_size=100000"]) == 2
     assert not (tmp_path / "big.safetensors").exists()
@@ -74,11 +75,11 @@ def test_cli_writes_the_mapping_and_rejects_bad_sizes(tmp_path, dataset_dir, tin
 def test_unknown_vocab_format_is_refused(tmp_path):
     path = tmp_path / "other.safetensors"
     save_vocab(path, np.zeros(2, np.int64), np.zeros(4, bool), {})
-    load_vocab(path)
+    read_vocab(path)
     from safetensors.numpy import save_file
 
     save_file({"d2t": np.zeros(2, np.int64)}, str(path), metadata={"format": "eaglecache.vocab", "version": "9"})
     with pytest.raises(UserError, match="version"):
-        load_vocab(path)
+        read_vocab(path)
     with pytest.raises(UserError, match="not found"):
-        load_vocab(tmp_path / "missing.safetensors")
+        read_vocab(tmp_path / "missing.safetensors")

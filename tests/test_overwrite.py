@@ -108,7 +108,7 @@ def test_data_prepare_replaces_only_what_it_was_allowed_to(existing, conversatio
 
 
 def test_data_vocab_replaces_an_unrelated_file_only_with_overwrite(tiny_dataset, tiny_target, tmp_path, capsys):
-    from eaglecache.data.vocab import load_vocab
+    from eaglecache.formats.vocab import read_vocab
 
     out = tmp_path / "vocab.safetensors"
     out.write_text("not a vocab\n")
@@ -117,7 +117,7 @@ def test_data_vocab_replaces_an_unrelated_file_only_with_overwrite(tiny_dataset,
     rc, err = run(argv, capsys)
     assert rc == 2 and "use --overwrite" in err and out.read_text() == "not a vocab\n"
     assert run(argv + ["--overwrite"], capsys)[0] == 0
-    assert len(load_vocab(out)[0]) == 64
+    assert len(read_vocab(out)[0]) == 64
     assert run(argv, capsys)[0] == 0  # its own mapping: rebuilt in place without the flag
 
 

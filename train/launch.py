@@ -71,9 +71,9 @@ def check_inputs(config, args) -> None:
         raise UserError(f"{num_samples} samples are fewer than one global batch (train.global_batch_size "
                         f"{tc.global_batch_size})")
     if args.vocab:
-        from eaglecache.data.vocab import load_vocab
+        from eaglecache.formats.vocab import read_vocab
 
-        load_vocab(args.vocab)
+        read_vocab(args.vocab)
     lc = tc.launcher
     if lc.num_nodes > 1 and not lc.hostfile:
         raise UserError("train.launcher.num_nodes > 1 needs train.launcher.hostfile")

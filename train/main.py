@@ -38,9 +38,9 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
     d2t = None
     draft_vocab_size = None
     if vocab_path:
-        from eaglecache.data.vocab import load_vocab
+        from eaglecache.formats.vocab import read_vocab
 
-        d2t_np, t2d_np, _ = load_vocab(vocab_path)
+        d2t_np, t2d_np, _ = read_vocab(vocab_path)
         d2t = torch.from_numpy(d2t_np).to(torch.int64)
         draft_vocab_size = len(d2t)
     tcfg = target_config(target_dir)
