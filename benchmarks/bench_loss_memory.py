@@ -1,6 +1,6 @@
 """Peak memory of the chunked TTT loss on one long sequence: T=16384 positions, vocab 200064 (MiniMax-M3's).
 
-Runs the trainer's own loss (``LMHeadLoss`` of train/ttt.py: the frozen target LM
+Runs the trainer's own loss (``LMHeadLoss`` of train/loss.py: the frozen target LM
 head shared by the draft, 7 TTT steps, soft cross-entropy against the target's
 softmax, computed ``--chunk`` positions at a time) forward and backward on random
 hidden states, in a fresh process, and reports the process's peak resident memory
@@ -23,9 +23,10 @@ import time
 def child(args) -> dict:
     import torch
 
-    from eaglecache.train.draft import DraftArch
+    from eaglecache.formats.draft import DraftArch
     from eaglecache.train.target_head import TargetHead
-    from eaglecache.train.ttt import LMHeadLoss, step_weights
+    from eaglecache.train.loss import LMHeadLoss
+    from eaglecache.train.ttt import step_weights
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)

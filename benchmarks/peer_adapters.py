@@ -129,7 +129,8 @@ def _batch(d: dict, dtype: torch.dtype, seed: int = 0) -> dict:
 
 def ours_step(d: dict, dtype: torch.dtype):
     from eaglecache.train.attention import resolve_implementation
-    from eaglecache.train.draft import DraftArch, Eagle3Draft
+    from eaglecache.formats.draft import DraftArch
+    from eaglecache.train.draft import Eagle3Draft
     from eaglecache.train.target_head import TargetHead
     from eaglecache.train.ttt import TTTSettings
 
@@ -142,10 +143,10 @@ def ours_step(d: dict, dtype: torch.dtype):
     head = TargetHead(torch.randn(v, h, generator=gen) * 0.02, torch.ones(h), torch.randn(v, h, generator=gen) * 0.02,
                       1e-5, dtype)
     torch.manual_seed(0)
-    draft = Eagle3Draft(arch, head)
+    settings = TTTSettings(ttt_length=d["ttt"], attention=resolve_implementation("auto", torch.device("cpu")))
+    draft = Eagle3Draft(arch, head, settings)
     draft.init_weights(0)
     draft = draft.to(dtype)
-    draft.settings = TTTSettings(ttt_length=d["ttt"], attention=resolve_implementation("auto", torch.device("cpu")))
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
     b = _batch(d, dtype)
 

@@ -139,6 +139,29 @@ class Config(Section):
         """sha256 of ``identity(*sections)``: what an artifact records and a resume or join compares."""
         return hashlib.sha256(json.dumps(self.identity(*sections, vllm=vllm), sort_keys=True).encode()).hexdigest()
 
+    # The "null means X" defaults that depend on another section or on the target, each resolved here once.
+    @property
+    def train_max_seq_length(self) -> int:
+        """train.max_seq_length, null meaning data.max_seq_length."""
+        return self.train.max_seq_length or self.data.max_seq_length
+
+    def precompute_aux_layer_ids(self, num_layers: int) -> list[int]:
+        """precompute.aux_layer_ids, null meaning vLLM's default (2, L//2, L-3) for a target of ``num_layers``."""
+        from eaglecache.target import default_aux_layer_ids
+
+        return list(self.precompute.aux_layer_ids or default_aux_layer_ids(num_layers))
+
+    def draft_aux_layer_ids(self, stored: list[int]) -> list[int]:
+        """train.draft.aux_layer_ids, null meaning all the ``stored`` ones (a cache's, or what the online source
+        computes); ids not stored are refused in one line naming them."""
+        stored = [int(i) for i in stored]
+        wanted = list(self.train.draft.aux_layer_ids or stored)
+        missing = [i for i in wanted if i not in stored]
+        if missing:
+            raise UserError(f"train.draft.aux_layer_ids {wanted}: layers {missing} are not in the features (they "
+                            f"hold {stored}); compute them into a cache with precompute.aux_layer_ids")
+        return wanted
+
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -166,11 +189,23 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _format_validation_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a section's cross-field check
+        return f"config section {where or 'top level'}: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] == "extra_forbidden":
         return f"unknown config key: {where}"
     if err["type"] == "missing":
         return f"missing config key: {where}"
     return f"config key {where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _validate(tree: dict[str, Any], overrides, where: str) -> Config:
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(f"{where}: {_format_validation_error(exc)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -182,10 +217,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise UserError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(tree, dict):
         raise UserError(f"config file {path}: top level must be a mapping of sections")
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        raise UserError(f"{path}: {_format_validation_error(exc)}") from None
+    return _validate(tree, overrides, str(path))
+
+
+def with_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``config`` with dotted overrides applied and validated, as if they had been given after its own."""
+    return _validate(config.to_dict(), overrides, "override")

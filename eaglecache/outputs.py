@@ -106,13 +106,12 @@ def feature_cache(path: Path) -> bool:
     return _json_format(path / CACHE_FILE, FORMAT)
 
 
-TRAIN_RUN_ENTRIES = {"config.yaml", "run.json", "deepspeed.json", "metrics.jsonl", "tb", "checkpoints", "final",
-                     "variant.json"}
-
-
 def train_run(path: Path) -> bool:
-    """A run directory: train writes config.yaml before anything else, then only these names."""
-    return (path / "config.yaml").is_file() and _entries(path) <= TRAIN_RUN_ENTRIES
+    """A run directory: train writes config.yaml before anything else, then only the run format's names
+    (eaglecache/formats/run.py), plus the variant.json of an ablation's variant."""
+    from eaglecache.formats import run
+
+    return (path / run.CONFIG).is_file() and _entries(path) <= run.ENTRIES | {"variant.json"}
 
 
 def ablation(path: Path) -> bool:

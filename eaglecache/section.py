@@ -12,9 +12,19 @@ sizing, parallelism of the writer, logging, launching) but never a value it writ
 every fingerprint is built from ``identity()`` (eaglecache/config.py ``Config.fingerprint``).
 """
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict
+
+
+def strictly_ascending(layer_ids: Optional[list[int]]) -> Optional[list[int]]:
+    """Aux layer ids as vLLM orders them: it concatenates the aux states in ascending layer order, so a
+    draft trained on any other order (or a repeated layer) gets a permutation of what serving feeds it.
+    A field validator of precompute.aux_layer_ids and train.draft.aux_layer_ids."""
+    if layer_ids is not None and any(a >= b for a, b in zip(layer_ids, layer_ids[1:])):
+        raise ValueError(f"layer ids must be strictly ascending (vLLM concatenates aux states in that order), "
+                         f"e.g. {sorted(set(layer_ids))}")
+    return layer_ids
 
 
 class Section(BaseModel):

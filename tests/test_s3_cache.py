@@ -7,7 +7,6 @@ a small proxy (``FaultyS3Proxy``) sits between the client and moto and answers e
 request with a 503 and cuts one response off mid-body.
 """
 
-import argparse
 import contextlib
 import http.client
 import json
@@ -123,10 +122,9 @@ def test_missing_cache_url_is_one_clear_error(s3_cache):
 def test_train_command_passes_the_url_to_the_ranks(s3_cache, tiny_target, tmp_path):
     from eaglecache.train.launch import check_inputs, launcher_command, resolve_config
 
-    args = argparse.Namespace(cache=s3_cache, data=None, vocab=None, output=str(tmp_path / "run"))
-    config = resolve_config(load_config(None, [f"target.path={tiny_target}"]), args)
-    check_inputs(config, args)  # what `eaglecache train` checks before starting any rank
-    cmd = launcher_command(config, args, tmp_path / "run", 29500)
+    config = resolve_config(load_config(None, [f"target.path={tiny_target}"]))
+    check_inputs(config, cache=s3_cache, data=None, vocab=None)  # what `eaglecache train` checks before any rank
+    cmd = launcher_command(config, tmp_path / "run", 29500, cache=s3_cache)
     assert cmd[cmd.index("--cache") + 1] == s3_cache
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eaglecache.train.draft import DraftArch, Eagle3Draft
+from eaglecache.formats.draft import DraftArch
+from eaglecache.train.draft import Eagle3Draft
 from eaglecache.train.loader import shift_sample_tensors
 from eaglecache.train.target_head import TargetHead
 from eaglecache.train.ttt import TTTSettings
@@ -33,7 +34,7 @@ def make_draft(draft_vocab=None, seed=0, dtype=torch.float64):
     if draft_vocab:
         draft_ids = torch.sort(torch.randperm(VOCAB, generator=gen)[:draft_vocab]).values
         d2t = draft_ids - torch.arange(draft_vocab)
-    draft = Eagle3Draft(arch, target, d2t)
+    draft = Eagle3Draft(arch, target, TTTSettings(), d2t)
     draft.init_weights(seed)
     with torch.no_grad():  # non-trivial norms, so their gradients are checked too
         for name, p in draft.named_parameters():

@@ -14,7 +14,6 @@ all finished variants.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -25,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from eaglecache.config import load_config, parse_override, yaml_load
+from eaglecache.config import parse_override, with_overrides, yaml_load
 from eaglecache.errors import UserError
+from eaglecache.formats import run as run_format
 
 log = logging.getLogger(__name__)
 VARIANT_FORMAT, VARIANT_VERSION = "eaglecache.variant", 1
@@ -96,21 +96,20 @@ def cache_fingerprint(cache_dir: str) -> str:
     return hashlib.sha256(json.dumps(open_cache(cache_dir).metadata, sort_keys=True).encode()).hexdigest()
 
 
-def _last_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.jsonl"
-    lines = [l for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
-
-
-def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Train one variant (or find it done); returns its variant.json record."""
+def run_variant(base, overrides: dict[str, Any], *, cache: str, output: Path, vocab: str | None,
+                fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Train one variant of the ``base`` config (or find it done); returns its variant.json record."""
+    from eaglecache.train.checkpoint import run_fingerprint
     from eaglecache.train.launch import run_train
 
     name = variant_name(overrides)
-    run_dir = Path(args.output) / name
+    run_dir = output / name
     record_path = run_dir / "variant.json"
-    config = load_config(base_config_path, list(base_overrides) + override_strings(overrides))
-    fingerprint = {**fingerprint, "config": config.fingerprint("target", "train")}
+    config = with_overrides(base, override_strings(overrides))
+    # The run's own identity rule (train/checkpoint.py). It differs from what earlier releases recorded (a hash
+    # of the whole target and train sections), but so does the "code" entry after any code change, which
+    # re-runs every variant by design: an ablation table compares variants of one code version.
+    fingerprint = {**fingerprint, "config": run_fingerprint(config)}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("status") == "done" and record.get("fingerprint") == fingerprint:
@@ -118,12 +117,11 @@ def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: 
             return {**record, "skipped": True}
     log.info("variant %s: training", name)
     started = time.time()
-    train_args = argparse.Namespace(cache=args.cache, data=None, vocab=args.vocab, output=str(run_dir))
-    rc = run_train(config, train_args)
+    rc = run_train(config, output=run_dir, cache=cache, vocab=vocab)
     record = {
         "format": VARIANT_FORMAT, "version": VARIANT_VERSION, "name": name, "overrides": overrides,
         "seed": config.train.seed, "fingerprint": fingerprint, "status": "done" if rc == 0 else f"failed ({rc})",
-        "wall_s": round(time.time() - started, 1), "metrics": _last_metrics(run_dir),
+        "wall_s": round(time.time() - started, 1), "metrics": (run_format.read_metrics(run_dir) or [{}])[-1],
     }
     tmp = record_path.with_name(".variant.json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -131,27 +129,32 @@ def run_variant(base_config_path, base_overrides, overrides, args, fingerprint: 
     return {**record, "skipped": False}
 
 
-def run_ablate(config, args) -> int:
+def run_ablate(config, *, cache: str, output: str | Path, grid: dict[str, list[Any]], vocab: str | None = None,
+               parallel: int = 1, overwrite: bool = False) -> int:
+    """Train every variant of ``grid`` (``parse_grid``) over ``config`` from one ``cache`` into ``output``,
+    skipping finished ones; writes the results table and plots. ``overwrite`` as `--overwrite`."""
+    from eaglecache import outputs
     from eaglecache.precompute.reader import is_url
     from eaglecache.train.ablation_report import write_report
 
-    if not args.cache or not (is_url(args.cache) or Path(args.cache).is_dir()):
-        raise UserError(f"--cache {args.cache}: not a directory or URL (a feature cache from `eaglecache precompute`)")
+    outputs.claim_output(output, overwrite, "ablate", outputs.ablation)
+    if not cache or not (is_url(cache) or Path(cache).is_dir()):
+        raise UserError(f"--cache {cache}: not a directory or URL (a feature cache from `eaglecache precompute`)")
     if config.train.source != "cache":
         raise UserError("ablations train from the cache: train.source must be 'cache'")
-    grid = parse_grid(args.grid or [], args.grid_file)
     variants = expand(grid)
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    fingerprint = {"cache": cache_fingerprint(args.cache), "code": code_version()}
-    print(f"{len(variants)} variants from {args.cache} into {args.output}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"cache": cache_fingerprint(cache), "code": code_version()}
+    print(f"{len(variants)} variants from {cache} into {output}")
 
     def job(overrides):  # each variant's launcher picks its own free rendezvous port
-        return run_variant(args.config, args.overrides, overrides, args, fingerprint)
+        return run_variant(config, overrides, cache=cache, output=output, vocab=vocab, fingerprint=fingerprint)
 
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         records = list(pool.map(job, variants))
     failed = [r["name"] for r in records if r["status"] != "done"]
-    table = write_report(Path(args.output), records, list(grid))
+    table = write_report(output, records, list(grid))
     print(table)
     print(f"{sum(r['skipped'] for r in records)} skipped (done before), "
           f"{sum(not r['skipped'] for r in records) - len(failed)} trained, {len(failed)} failed")

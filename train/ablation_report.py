@@ -9,10 +9,12 @@ the simulated accept length over training steps per variant.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from eaglecache.formats import run as run_format
+from eaglecache.train.config import MAX_TTT_LENGTH
 
 
 def _columns(records: list[dict[str, Any]], grid_keys: list[str]) -> list[str]:
@@ -45,9 +47,9 @@ def _plots(out_dir: Path, records: list[dict[str, Any]]) -> None:
     fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
     for record in records:
         metrics = record["metrics"]
-        accs = [metrics[f"acc_{k}"] for k in range(64) if f"acc_{k}" in metrics]
+        accs = [metrics[f"acc_{k}"] for k in range(MAX_TTT_LENGTH) if f"acc_{k}" in metrics]
         ax_acc.plot(range(1, len(accs) + 1), accs, marker="o", label=record["name"])
-        curve = [json.loads(l) for l in (out_dir / record["name"] / "metrics.jsonl").read_text().splitlines() if l]
+        curve = run_format.read_metrics(out_dir / record["name"])
         ax_len.plot([c["step"] for c in curve], [c["accept_len_3"] for c in curve], label=record["name"])
     ax_acc.set(xlabel="TTT position", ylabel="accuracy (last log)", title="Per-position accuracy")
     ax_len.set(xlabel="step", ylabel="simulated accept length (3 tokens)", title="Simulated accept length")

@@ -1,4 +1,4 @@
-"""The training run directory (``eaglecache.run`` v1, docs/formats.md section 4): checkpoints, resume, final weights.
+"""Writing a run directory (eaglecache/formats/run.py, docs/formats.md section 4): checkpoints, resume, final weights.
 
 A checkpoint ``checkpoints/step-XXXXXXX/`` is DeepSpeed's own (model partitions,
 optimizer, scheduler) plus, in its client state, the loader position, and one
@@ -39,26 +39,14 @@ import numpy as np
 import torch
 
 from eaglecache.errors import UserError
+from eaglecache.formats import draft as draft_format
+from eaglecache.formats import run as run_format
+from eaglecache.formats.run import COMMIT, committed_steps, tag_of, write_json_atomic
 
-RUN_FORMAT, RUN_VERSION = "eaglecache.run", 1
-COMMIT = "COMMIT"
 # Test hook: the process SIGKILLs itself right after committing this step (a real, unclean death).
 KILL_AFTER_CHECKPOINT_ENV = "EAGLECACHE_KILL_AFTER_CHECKPOINT"
 
 log = logging.getLogger(__name__)
-
-
-def tag_of(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def run_fingerprint(config) -> str:
@@ -69,32 +57,14 @@ def run_fingerprint(config) -> str:
     return config.fingerprint("target", "train", vllm=False)
 
 
-def committed_steps(run_dir: Path) -> list[int]:
-    root = run_dir / "checkpoints"
-    steps = []
-    for path in root.glob("step-*"):
-        if (path / COMMIT).is_file():
-            steps.append(int(path.name.split("-")[1]))
-    return sorted(steps)
-
-
 def write_run_json(run_dir: Path, *, source_fingerprint: dict[str, Any], world_size: int,
                    total_steps: int, config_hash: str) -> None:
     """run.json: what this run trains on and how; a resume must agree with it."""
     from eaglecache import __version__
 
-    path = run_dir / "run.json"
-    doc = {"format": RUN_FORMAT, "version": RUN_VERSION, "code_version": __version__,
-           "source": source_fingerprint, "world_size": world_size, "total_steps": total_steps,
-           "config_hash": config_hash}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("format") != RUN_FORMAT or old.get("version") != RUN_VERSION:
-            raise UserError(f"{run_dir}: not an eaglecache.run v{RUN_VERSION} directory")
-        for key in ("source", "config_hash", "total_steps"):
-            if old.get(key) != doc[key] and committed_steps(run_dir):
-                raise UserError(f"{run_dir} holds a run with another {key}; use a new --output to start over")
-    write_json_atomic(path, doc)
+    run_format.write_run_json(run_dir, run_format.run_document(
+        code_version=__version__, source_fingerprint=source_fingerprint, world_size=world_size,
+        total_steps=total_steps, config_hash=config_hash))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -119,7 +89,7 @@ def _barrier() -> None:
 
 def save_checkpoint(engine, loader, run_dir: Path, step: int, keep: int) -> Path:
     """Every rank: DeepSpeed state + loader position + RNG, then COMMIT (rank 0) and pruning."""
-    root = run_dir / "checkpoints"
+    root = run_dir / run_format.CHECKPOINTS
     tag = tag_of(step)
     rank = torch.distributed.get_rank()
     if rank == 0 and (root / tag).exists():  # an uncommitted leftover of a killed run
@@ -143,7 +113,7 @@ def save_checkpoint(engine, loader, run_dir: Path, step: int, keep: int) -> Path
             raise
         for old in committed_steps(run_dir)[:-keep]:
             shutil.rmtree(root / tag_of(old), ignore_errors=True)
-        for stale in root.glob("step-*"):
+        for stale in root.glob(run_format.TAG_GLOB):
             if not (stale / COMMIT).exists() and stale.name != tag:
                 shutil.rmtree(stale, ignore_errors=True)
     _barrier()
@@ -197,7 +167,7 @@ def _raise_if_disk_full(exc: BaseException, run_dir: Path, path: Path, engine) -
     free = shutil.disk_usage(run_dir).free
     steps = committed_steps(run_dir)
     if steps:
-        needed = _dir_size(run_dir / "checkpoints" / tag_of(steps[-1]))
+        needed = _dir_size(run_format.checkpoint_dir(run_dir, steps[-1]))
     else:  # bf16 weights + fp32 master weights and two Adam moments of what trains, bf16 of the rest;
         # ZeRO-3 leaves a partition in .data, the full size in ds_numel
         needed = sum(getattr(p, "ds_numel", p.numel()) * (14 if p.requires_grad else 2)
@@ -216,7 +186,7 @@ def _raise_if_disk_full(exc: BaseException, run_dir: Path, path: Path, engine) -
 def _choose_checkpoint(run_dir: Path) -> int:
     """Rank 0: the newest committed step whose files match COMMIT, warning about each newer one; 0 if none."""
     for step in reversed(committed_steps(run_dir)):
-        path = run_dir / "checkpoints" / tag_of(step)
+        path = run_format.checkpoint_dir(run_dir, step)
         problem = checkpoint_problem(path)
         if problem is None:
             return step
@@ -234,7 +204,7 @@ def load_checkpoint(engine, loader, run_dir: Path) -> int:
             log.warning("%s: no intact checkpoint is left; training starts from step 0", run_dir)
         return 0
     tag = tag_of(chosen[0])
-    root = run_dir / "checkpoints"
+    root = run_dir / run_format.CHECKPOINTS
     saved_world = json.loads((root / tag / COMMIT).read_text()).get("world_size")
     world = torch.distributed.get_world_size()
     if saved_world not in (None, world):
@@ -263,11 +233,12 @@ def save_final(engine, run_dir: Path, arch_json: dict[str, Any], extra: Optional
     trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
     tensors = {name: t.to(torch.bfloat16).contiguous() for name, t in state.items() if name in trainable}
     tensors.update({name: t.cpu().contiguous() for name, t in (extra or {}).items()})
-    final = run_dir / "final"
-    tmp = run_dir / f".final.tmp-{uuid.uuid4().hex[:8]}"
+    final = run_dir / run_format.FINAL
+    tmp = run_dir / f".{run_format.FINAL}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "eaglecache.draft", "dtype": "bfloat16"})
-    (tmp / "draft.json").write_text(json.dumps({**arch_json, "provenance": provenance}, indent=1) + "\n")
+    save_file(tensors, str(tmp / run_format.FINAL_WEIGHTS),
+              metadata={"format": draft_format.FORMAT, "dtype": "bfloat16"})
+    (tmp / run_format.FINAL_ARCH).write_text(json.dumps({**arch_json, "provenance": provenance}, indent=1) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -7,15 +7,15 @@ from eaglecache.cli import add_command
 def _train(config, args):
     from eaglecache.train.launch import run_train
 
-    outputs.claim_output(args.output, args.overwrite, "train", outputs.train_run)
-    return run_train(config, args)
+    return run_train(config, output=args.output, cache=args.cache, data=args.data, vocab=args.vocab,
+                     overwrite=args.overwrite)
 
 
 def _ablate(config, args):
-    from eaglecache.train.ablate import run_ablate
+    from eaglecache.train.ablate import parse_grid, run_ablate
 
-    outputs.claim_output(args.output, args.overwrite, "ablate", outputs.ablation)
-    return run_ablate(config, args)
+    return run_ablate(config, cache=args.cache, output=args.output, grid=parse_grid(args.grid or [], args.grid_file),
+                      vocab=args.vocab, parallel=args.parallel, overwrite=args.overwrite)
 
 
 def register(subparsers) -> None:

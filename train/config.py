@@ -2,10 +2,13 @@
 
 from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from eaglecache.precompute.config import strictly_ascending
-from eaglecache.section import Section
+from eaglecache.section import Section, strictly_ascending
+
+
+# the deepest TTT unroll a run may ask for: metrics and the ablation report name positions 0..63
+MAX_TTT_LENGTH = 64
 
 
 class DraftConfig(Section):
@@ -13,7 +16,8 @@ class DraftConfig(Section):
     num_attention_heads: Optional[int] = Field(None, ge=1, description="Draft heads; null uses the target's.")
     num_key_value_heads: Optional[int] = Field(None, ge=1, description="Draft KV heads; null uses the target's.")
     aux_layer_ids: Optional[list[int]] = Field(
-        None, description="Aux layers feeding the draft (a subset of the cache's); null uses all three stored."
+        None, description="Aux layers feeding the draft (a subset of the cache's); null uses all the cache stores "
+        "(Config.draft_aux_layer_ids resolves it; train refuses ids the cache lacks before starting)."
     )
 
     _aux_order = field_validator("aux_layer_ids")(strictly_ascending)
@@ -33,7 +37,8 @@ class TrainConfig(Section):
     source: Literal["cache", "online"] = Field(
         "cache", description="Read features from the Zarr cache, or compute them live with the target."
     )
-    ttt_length: int = Field(7, ge=1, description="TTT depth: draft steps unrolled per position in training.")
+    ttt_length: int = Field(7, ge=1, le=MAX_TTT_LENGTH,
+                            description=f"TTT depth: draft steps unrolled per position in training (1..{MAX_TTT_LENGTH}).")
     ttt_decay: float = Field(0.8, gt=0.0, description="Weight of TTT step k is ttt_decay**k.")
     lr: float = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -47,10 +52,12 @@ class TrainConfig(Section):
     global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step, over all ranks.")
     micro_batch_size: int = Field(1, ge=1, description="Sequences per rank per forward.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the cache.")
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_steps: Optional[int] = Field(
+        None, ge=1, description="Stop after this many optimizer steps; set with epochs, the run stops at whichever "
+        "ends first (max_steps caps the epochs, it never extends them).")
     max_seq_length: Optional[int] = Field(
-        None, ge=8, description="Tokens per sample, longer ones truncated (batches are padded, not packed); "
-        "null uses data's.")
+        None, ge=8, description="Tokens per sample, longer ones truncated (each micro-batch is padded to its longest "
+        "sample); null uses data.max_seq_length (Config.train_max_seq_length resolves it).")
     loss_chunk_tokens: int = Field(2048, ge=1, description="Positions per chunk of the LM-head loss.")
     attention: Literal["auto", "reference", "split", "flex"] = Field(
         "auto", description="TTT attention kernel: auto = split (CPU flash kernel) on CPU, flex on CUDA; "
@@ -64,6 +71,14 @@ class TrainConfig(Section):
     subset_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Deterministic fraction of samples to train on.")
     draft: DraftConfig = Field(default_factory=DraftConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+    @model_validator(mode="after")
+    def _whole_micro_batches(self):
+        # the ranks' micro-batches must add up to the global batch for some number of ranks
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
 
     # how the run is launched, logged, read and saved: none of these changes a trained weight
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("launcher", "log_interval", "checkpoint_interval",

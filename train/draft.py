@@ -1,9 +1,8 @@
 """The EAGLE3 draft: one Llama decoder layer on [embedding, fc(aux states)], in vLLM's tensor names.
 
-Parameter names are exactly those vLLM's ``LlamaForCausalLMEagle3`` loads
-(docs/formats.md section 4): ``fc``, ``midlayer.{input_layernorm, hidden_norm,
-self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.*}``, ``norm`` and, for a
-reduced vocabulary only, ``lm_head``. The layer mirrors vLLM's forward: q/k/v
+Parameter names are exactly those vLLM's ``LlamaForCausalLMEagle3`` loads, as the
+draft format lists them (eaglecache/formats/draft.py ``tensor_shapes``; the module
+checks it at construction). The layer mirrors vLLM's forward: q/k/v
 read 2*H inputs ``[input_layernorm(embed), hidden_norm(h)]``, the residual is
 ``h`` itself, and the layer's pre-norm output is both what the next TTT step
 carries and, after ``norm``, what the LM head reads. RoPE comes from the
@@ -11,76 +10,23 @@ target's config through transformers' own rotary code, so every RoPE variant the
 target uses is reproduced.
 
 The frozen target embedding / final norm / LM head live in ``target`` as
-buffers (train/target_head.py). ``forward`` is the TTT training loss (train/ttt.py).
+buffers (train/target_head.py). ``forward`` is the TTT training loss (train/ttt.py) with
+the settings the draft was built with; the LM head and its loss are train/loss.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eaglecache.formats.draft import LM_HEAD, DraftArch, initial_tensors, tensor_shapes
 from eaglecache.train.attention import KeyCache, ttt_attention
+from eaglecache.train.loss import LMHeadLoss
 from eaglecache.train.target_head import TargetHead, rms_norm
-
-ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
-
-
-@dataclass
-class DraftArch:
-    """The draft's architecture; written to final/draft.json, read back by export."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    vocab_size: int
-    draft_vocab_size: int
-    target_hidden_size: int
-    target_num_hidden_layers: int
-    aux_layer_ids: list[int]
-    max_position_embeddings: int
-    hidden_act: str = "silu"
-    initializer_range: float = 0.02
-    rope: dict[str, Any] = field(default_factory=dict)  # the target's RoPE keys, copied verbatim
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.update(out.pop("rope"))  # RoPE keys at the top level, as in an HF config
-        return out
-
-    @classmethod
-    def from_target(cls, target: dict[str, Any], aux_layer_ids: list[int], draft_vocab_size: Optional[int] = None,
-                    intermediate_size: Optional[int] = None, num_attention_heads: Optional[int] = None,
-                    num_key_value_heads: Optional[int] = None) -> "DraftArch":
-        hidden, heads = target["hidden_size"], target["num_attention_heads"]
-        return cls(
-            hidden_size=hidden,
-            intermediate_size=intermediate_size or target["intermediate_size"],
-            num_attention_heads=num_attention_heads or heads,
-            num_key_value_heads=num_key_value_heads or target.get("num_key_value_heads") or heads,
-            head_dim=target.get("head_dim") or hidden // heads,
-            rms_norm_eps=float(target.get("rms_norm_eps", 1e-6)),
-            vocab_size=target["vocab_size"],
-            draft_vocab_size=draft_vocab_size or target["vocab_size"],
-            target_hidden_size=hidden,
-            target_num_hidden_layers=target["num_hidden_layers"],
-            aux_layer_ids=list(aux_layer_ids),
-            max_position_embeddings=target.get("max_position_embeddings", 4096),
-            hidden_act=target.get("hidden_act", "silu"),
-            initializer_range=target.get("initializer_range", 0.02),
-            rope={k: target[k] for k in ROPE_KEYS if target.get(k) is not None},
-        )
-
-    @property
-    def reduced_vocab(self) -> bool:
-        return self.draft_vocab_size < self.vocab_size
-
+from eaglecache.train.ttt import TTTSettings, ttt_loss
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
@@ -209,35 +155,33 @@ class MidLayer(nn.Module):
 class Eagle3Draft(nn.Module):
     """The trainable draft plus the frozen target head; ``forward`` returns the TTT loss and stats."""
 
-    def __init__(self, arch: DraftArch, target: TargetHead, d2t: Optional[torch.Tensor] = None):
+    def __init__(self, arch: DraftArch, target: TargetHead, settings: TTTSettings,
+                 d2t: Optional[torch.Tensor] = None):
         super().__init__()
-        from eaglecache.train.ttt import LMHeadLoss
-
         self.arch = arch
+        self.settings = settings
         self.fc = nn.Linear(arch.target_hidden_size * len(arch.aux_layer_ids), arch.hidden_size, bias=False)
         self.midlayer = MidLayer(arch)
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = Rotary(arch)
         self.target = target
         self.lm_head = LMHeadLoss(arch, target, d2t)
-        self.settings = None  # TTTSettings, set by the trainer before the first forward
+        shapes = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        if shapes != tensor_shapes(arch):  # what export writes and vLLM loads is these names
+            raise AssertionError(f"draft parameters {shapes} differ from the draft format's tensors")
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """HF Llama init (N(0, initializer_range) matrices, unit RMSNorm weights), except that the
-        output norm starts as the target's final norm and a reduced LM head as the target's rows:
-        the LM head reads the draft's normed state as if it were the target's."""
-        generator = torch.Generator().manual_seed(seed)
+        """The draft format's initial tensors (HF Llama init), except that the output norm starts as the
+        target's final norm and a reduced LM head as the target's rows: the LM head reads the draft's
+        normed state as if it were the target's."""
+        initial = initial_tensors(self.arch, seed)
         for name, param in self.named_parameters():
-            if param.dim() == 2 and not name.startswith("lm_head"):
-                param.copy_(torch.randn(param.shape, generator=generator) * self.arch.initializer_range)
-            elif param.dim() == 1:
-                param.fill_(1.0)
+            if name != LM_HEAD:
+                param.copy_(initial[name])
         self.norm.weight.copy_(self.target.norm_weight.float())
         self.lm_head.init_from_target()
 
     def forward(self, input_ids, loss_mask, aux, final):
         """Shifted batch (train/loader.py) -> (loss, stats [ttt_length, 5]) of train/ttt.py's ttt_loss."""
-        from eaglecache.train.ttt import ttt_loss
-
         return ttt_loss(self, input_ids, loss_mask, aux, final, self.settings)

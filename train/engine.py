@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from eaglecache.errors import UserError
+from eaglecache.formats import run as run_format
 
 
 def accumulation_steps(train, world_size: int) -> int:
@@ -68,7 +69,7 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], run_dir: Pa
     import deepspeed
 
     if run_dir is not None and int(torch.distributed.get_rank()) == 0:
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1) + "\n")
+        (run_dir / run_format.DEEPSPEED_JSON).write_text(json.dumps(ds_config, indent=1) + "\n")
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     return engine

@@ -19,26 +19,27 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from eaglecache.errors import UserError
+from eaglecache.formats import run as run_format
 
 log = logging.getLogger(__name__)
 
 
-def resolve_config(config, args):
+def resolve_config(config):
     """The config as the ranks will read it: target path and sequence length made explicit."""
     from eaglecache.target import resolve_target
 
     resolved = config.model_copy(deep=True)
     resolved.target.path = str(resolve_target(config))
-    if resolved.train.max_seq_length is None:
-        resolved.train.max_seq_length = resolved.data.max_seq_length
+    resolved.train.max_seq_length = config.train_max_seq_length
     return resolved
 
 
-def check_inputs(config, args) -> None:
+def check_inputs(config, *, cache: Optional[str], data: Optional[str], vocab: Optional[str]) -> None:
     """Fail early, with one line, on what every rank would fail on."""
     from eaglecache.target import weights_hash
 
@@ -46,34 +47,31 @@ def check_inputs(config, args) -> None:
     if tc.source == "cache":
         from eaglecache.precompute.reader import open_cache
 
-        if not args.cache:
+        if not cache:
             raise UserError("train.source=cache needs --cache DIR (a feature cache from `eaglecache precompute`)")
-        cache = open_cache(args.cache)
-        stored_hash = cache.metadata.get("target_weights_hash")
+        features = open_cache(cache)
+        stored_hash = features.metadata.get("target_weights_hash")
         if stored_hash and stored_hash != weights_hash(config.target.path):
-            raise UserError(f"{args.cache} was computed from another target than {config.target.path} "
+            raise UserError(f"{cache} was computed from another target than {config.target.path} "
                             "(target_weights_hash differs)")
-        num_samples = len(cache.sample_ids)
-        stored_aux = cache.metadata["aux_layer_ids"]
+        num_samples = len(features.sample_ids)
+        stored_aux = features.metadata["aux_layer_ids"]
     else:
         from eaglecache.formats.dataset import open_dataset
-        from eaglecache.target import default_aux_layer_ids, target_layer_count
+        from eaglecache.target import target_layer_count
 
-        if not args.data:
+        if not data:
             raise UserError("train.source=online needs --data DIR (a prepared data set)")
-        num_samples = len(open_dataset(args.data))
-        # what train/online.py computes
-        stored_aux = config.precompute.aux_layer_ids or default_aux_layer_ids(target_layer_count(config.target.path))
-    from eaglecache.train.main import aux_indices
-
-    aux_indices(tc.draft.aux_layer_ids, stored_aux)
+        num_samples = len(open_dataset(data))
+        stored_aux = config.precompute_aux_layer_ids(target_layer_count(config.target.path))  # what online computes
+    config.draft_aux_layer_ids(stored_aux)
     if num_samples < tc.global_batch_size:
         raise UserError(f"{num_samples} samples are fewer than one global batch (train.global_batch_size "
                         f"{tc.global_batch_size})")
-    if args.vocab:
+    if vocab:
         from eaglecache.formats.vocab import read_vocab
 
-        read_vocab(args.vocab)
+        read_vocab(vocab)
     lc = tc.launcher
     if lc.num_nodes > 1 and not lc.hostfile:
         raise UserError("train.launcher.num_nodes > 1 needs train.launcher.hostfile")
@@ -84,14 +82,14 @@ def check_inputs(config, args) -> None:
 def write_run_config(config, run_dir: Path) -> None:
     """RUN_DIR/config.yaml; refuses to overwrite a started run's settings with other ones."""
     from eaglecache.config import load_config
-    from eaglecache.train.checkpoint import committed_steps, run_fingerprint
+    from eaglecache.train.checkpoint import run_fingerprint
 
-    path = run_dir / "config.yaml"
-    if path.is_file() and committed_steps(run_dir):
+    path = run_dir / run_format.CONFIG
+    if path.is_file() and run_format.committed_steps(run_dir):
         if run_fingerprint(load_config(path)) != run_fingerprint(config):
             raise UserError(f"{run_dir} holds a run with other target/train settings; "
                             "use a new --output, or the same settings to resume it")
-    tmp = path.with_name(".config.yaml.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     os.replace(tmp, path)
 
@@ -111,7 +109,8 @@ def master_port(launcher) -> int:
     return 29500 if launcher.num_nodes > 1 else free_port()
 
 
-def launcher_command(config, args, run_dir: Path, port: int) -> list[str]:
+def launcher_command(config, run_dir: Path, port: int, *, cache: Optional[str] = None, data: Optional[str] = None,
+                     vocab: Optional[str] = None) -> list[str]:
     from eaglecache.precompute.reader import is_url
 
     lc = config.train.launcher
@@ -120,7 +119,7 @@ def launcher_command(config, args, run_dir: Path, port: int) -> list[str]:
     if lc.hostfile:
         cmd += ["--hostfile", lc.hostfile, "--num_nodes", str(lc.num_nodes)]
     cmd += ["--module", "eaglecache.train.main", "--run-dir", str(run_dir)]
-    for flag, value in (("--cache", args.cache), ("--data", args.data), ("--vocab", args.vocab)):
+    for flag, value in (("--cache", cache), ("--data", data), ("--vocab", vocab)):
         if value:
             cmd += [flag, value if is_url(value) else str(Path(value).resolve())]  # s3://... stays a URL
     return cmd
@@ -141,14 +140,21 @@ def launcher_env(config) -> dict[str, str]:
     return env
 
 
-def run_train(config, args) -> int:
-    run_dir = Path(args.output).resolve()
+def run_train(config, *, output: str | Path, cache: Optional[str] = None, data: Optional[str] = None,
+              vocab: Optional[str] = None, overwrite: bool = False) -> int:
+    """Train into the run directory ``output`` (resuming the run there) from a feature ``cache`` (a
+    directory or URL) or, with train.source=online, a prepared ``data`` set; ``vocab`` for a reduced
+    vocabulary. Returns the launcher's exit status; ``overwrite`` as `--overwrite` (eaglecache/outputs.py)."""
+    from eaglecache import outputs
+
+    outputs.claim_output(output, overwrite, "train", outputs.train_run)
+    run_dir = Path(output).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = resolve_config(config, args)
-    check_inputs(config, args)
+    config = resolve_config(config)
+    check_inputs(config, cache=cache, data=data, vocab=vocab)
     write_run_config(config, run_dir)
     port = master_port(config.train.launcher)
-    cmd = launcher_command(config, args, run_dir, port)
+    cmd = launcher_command(config, run_dir, port, cache=cache, data=data, vocab=vocab)
     log.info("starting: %s", " ".join(cmd))
     env = launcher_env(config)
     try:
@@ -160,7 +166,7 @@ def run_train(config, args) -> int:
     if status != 0:
         killed = f"a process was killed by {signal_name(status - 128)}; " if status != rc else ""
         print(f"error: training exited with status {status} ({killed}the rank logs above say why); "
-              f"run the same command again to resume from the last checkpoint in {run_dir / 'checkpoints'}",
+              f"run the same command again to resume from the last checkpoint in {run_dir / run_format.CHECKPOINTS}",
               file=sys.stderr)
     return status
 

@@ -22,19 +22,24 @@ import torch
 
 from eaglecache.dtypes import TORCH_DTYPES, resolve_dtype
 from eaglecache.errors import UserError
+from eaglecache.formats import run as run_format
 
 log = logging.getLogger("eaglecache.train")
 
 
-def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab_path: Optional[str], dtype):
-    """(draft module, aux indices into the source's aux layers or None for all); deterministic in train.seed."""
+def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab_path: Optional[str], dtype,
+                device: torch.device = torch.device("cpu")):
+    """(draft module built with the TTT settings of train.*, aux indices into the source's aux layers or None
+    for all); deterministic in train.seed."""
+    from eaglecache.formats.draft import DraftArch
     from eaglecache.target import target_config
-    from eaglecache.train.draft import DraftArch, Eagle3Draft
+    from eaglecache.train.draft import Eagle3Draft
     from eaglecache.train.target_head import TargetHead
+    from eaglecache.train.ttt import TTTSettings
 
     stored = [int(i) for i in source_metadata["aux_layer_ids"]]
-    wanted = config.train.draft.aux_layer_ids or stored
-    indices = aux_indices(config.train.draft.aux_layer_ids, stored)
+    wanted = config.draft_aux_layer_ids(stored)
+    indices = aux_indices(wanted, stored)
     d2t = None
     draft_vocab_size = None
     if vocab_path:
@@ -56,48 +61,37 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
                                  dc.num_key_value_heads)
     target = TargetHead.from_target(target_dir, config.target.weights_prefix, dtype)
     torch.manual_seed(config.train.seed)
-    draft = Eagle3Draft(arch, target, d2t)
+    draft = Eagle3Draft(arch, target, TTTSettings.from_config(config.train, device), d2t)
     draft.init_weights(config.train.seed)
     return draft, indices
 
 
-def aux_indices(wanted: Optional[list[int]], stored: list[int]) -> Optional[list[int]]:
-    """Indices of ``train.draft.aux_layer_ids`` among the features' aux layers (None: all of them)."""
+def aux_indices(wanted: list[int], stored: list[int]) -> Optional[list[int]]:
+    """Indices of the resolved ``wanted`` aux layers (Config.draft_aux_layer_ids) among the stored ones (None:
+    all of them, in order)."""
     stored = [int(i) for i in stored]
-    wanted = wanted or stored
-    missing = [i for i in wanted if i not in stored]
-    if missing:
-        raise UserError(f"train.draft.aux_layer_ids {wanted}: layers {missing} are not in the features "
-                        f"(they hold {stored})")
     return None if wanted == stored else [stored.index(i) for i in wanted]
 
 
 def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Optional[str] = None,
           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """One rank's whole run: model, engine, resume, loop, final weights. Returns the last metrics."""
-    from eaglecache.train.attention import resolve_implementation
     from eaglecache.train.checkpoint import load_checkpoint, run_fingerprint, save_final, write_run_json
     from eaglecache.train.engine import create_engine, deepspeed_config
     from eaglecache.train.loader import SamplePlan, StreamingLoader
     from eaglecache.train.loop import run_loop
-    from eaglecache.train.ttt import TTTSettings
 
     tc = config.train
     compute_dtype = resolve_dtype(tc.dtype, "train.dtype", device.type)
     dtype = TORCH_DTYPES[compute_dtype]
-    draft, aux_indices = build_draft(config, target_dir, source.metadata, vocab_path, dtype)
-    draft.settings = TTTSettings(ttt_length=tc.ttt_length, ttt_decay=tc.ttt_decay,
-                                 loss_chunk_tokens=tc.loss_chunk_tokens,
-                                 attention=resolve_implementation(tc.attention, device),
-                                 gradient_checkpointing=tc.gradient_checkpointing)
+    draft, aux_indices = build_draft(config, target_dir, source.metadata, vocab_path, dtype, device)
     lengths = [source.num_tokens(s) for s in source.sample_ids] if not hasattr(source, "num_tokens_array") \
         else source.num_tokens_array()
     plan = SamplePlan(source.sample_ids, lengths, seed=tc.seed, global_batch_size=tc.global_batch_size,
                       micro_batch_size=tc.micro_batch_size, world_size=world_size,
                       subset_fraction=tc.subset_fraction)
     total_steps = plan.total_steps(tc.epochs, tc.max_steps)
-    max_seq_length = tc.max_seq_length or config.data.max_seq_length
-    loader = StreamingLoader(source, plan, rank=rank, max_seq_length=max_seq_length, total_steps=total_steps,
+    loader = StreamingLoader(source, plan, rank=rank, max_seq_length=config.train_max_seq_length, total_steps=total_steps,
                              aux_indices=aux_indices,
                              workers=tc.loader_workers, prefetch=tc.prefetch, pin_memory=device.type == "cuda")
     engine = create_engine(draft.to(device), deepspeed_config(tc, world_size, total_steps, compute_dtype), run_dir)
@@ -185,12 +179,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.config:  # started under `deepspeed`/`torchrun` directly: resolve the config here
             from eaglecache.train.launch import resolve_config, write_run_config
 
-            config = resolve_config(load_config(args.config, args.overrides), args)
+            config = resolve_config(load_config(args.config, args.overrides))
             if rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_run_config(config, run_dir)
             torch.distributed.barrier()
-        config = load_config(run_dir / "config.yaml")
+        config = load_config(run_dir / run_format.CONFIG)
         target_dir = resolve_target(config)
         source = open_source(config, args.cache, args.data, target_dir, device)
         train(config, run_dir, source, target_dir=target_dir, vocab_path=args.vocab, rank=rank,

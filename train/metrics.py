@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from eaglecache.formats import run as run_format
+
 
 def _ahead(mask: torch.Tensor, k: int) -> torch.Tensor:
     """mask[:, t + k] at t (False past the end), of mask's length also when k exceeds it (a short batch)."""
@@ -133,8 +135,8 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step else None)
-        path = run_dir / "metrics.jsonl"
+        self.tb = SummaryWriter(str(run_dir / run_format.TENSORBOARD), purge_step=start_step if start_step else None)
+        path = run_dir / run_format.METRICS
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start_step]

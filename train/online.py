@@ -37,7 +37,7 @@ class OnlineFeatures:
 
         self.dataset = open_dataset(data_dir)
         num_layers = target.target_layer_count(target_dir)
-        self.aux_layer_ids = list(config.precompute.aux_layer_ids or target.default_aux_layer_ids(num_layers))
+        self.aux_layer_ids = config.precompute_aux_layer_ids(num_layers)
         tcfg = target.target_config(target_dir)
         self.device = device
         compute_dtype = config.target.compute_dtype(device.type)

@@ -1,4 +1,4 @@
-"""The TTT unroll and its loss: draft steps 0..K-1 over a batch, soft cross-entropy in chunks.
+"""The TTT unroll: draft steps 0..K-1 over a batch, and the normalization of their loss.
 
 The algorithm, as the public EAGLE3 trainers agree on it. The batch arrives shifted (train/loader.py):
 ``input_ids[t]`` is the token after position t, ``final[t]`` the target's pre-norm
@@ -20,22 +20,13 @@ steps are summed with weights ttt_decay**k::
 With a reduced vocabulary, positions whose target argmax is outside it contribute
 zero but still count in the denominator (and count as wrong in the accuracy).
 
-Memory: logits never exist for all positions at once. ``_ChunkedSoftCE`` walks
-``loss_chunk_tokens`` positions at a time; for each chunk it builds the teacher's
-probabilities once (shared by all K steps, shifted by k), then each step's draft
-logits, and computes the gradient w.r.t. the hidden states (and a trainable LM head)
-right there, in the forward pass: the loss is the last node of the graph, so its
-backward only scales the stored gradients. Nothing of size T x V is kept, and no
-logits are recomputed.
+The loss itself (the LM head and its chunked soft cross-entropy) is train/loss.py's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from eaglecache.train.attention import KeyCache
@@ -44,11 +35,22 @@ from eaglecache.train.metrics import decode_walk
 
 @dataclass
 class TTTSettings:
+    """What the unroll needs of train.*: the draft is built with them (train/draft.py)."""
+
     ttt_length: int = 7
     ttt_decay: float = 0.8
     loss_chunk_tokens: int = 2048
     attention: str = "reference"  # a resolved implementation (train/attention.py)
     gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_config(cls, train, device: torch.device) -> "TTTSettings":
+        """From the train section, with its attention kernel resolved for ``device``."""
+        from eaglecache.train.attention import resolve_implementation
+
+        return cls(ttt_length=train.ttt_length, ttt_decay=train.ttt_decay, loss_chunk_tokens=train.loss_chunk_tokens,
+                   attention=resolve_implementation(train.attention, device),
+                   gradient_checkpointing=train.gradient_checkpointing)
 
 
 def shift_left(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,119 +98,3 @@ def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
         teacher = draft.target.final_norm(final)
     loss, stats, agree = draft.lm_head(torch.stack(normed), teacher, masks, weights, settings.loss_chunk_tokens)
     return loss, torch.cat([stats, decode_walk(agree, loss_mask).to(stats.device)], dim=1)
-
-
-class LMHeadLoss(nn.Module):
-    """The draft's LM head as a loss: the target's frozen head (full vocab) or a trainable reduced one.
-
-    It is a module so that, under ZeRO-3, a trainable ``lm_head.weight`` is gathered
-    for its forward like any other parameter.
-    """
-
-    def __init__(self, arch, target, d2t: Optional[torch.Tensor]):
-        super().__init__()
-        self.target = [target]  # a list: not a submodule (the draft owns it)
-        if arch.reduced_vocab:
-            if d2t is None or d2t.shape != (arch.draft_vocab_size,):
-                raise ValueError(f"a reduced vocab of {arch.draft_vocab_size} needs d2t of that length")
-            draft_ids = torch.arange(arch.draft_vocab_size) + d2t
-            t2d = torch.zeros(arch.vocab_size, dtype=torch.bool)
-            t2d[draft_ids] = True
-            self.weight = nn.Parameter(torch.empty(arch.draft_vocab_size, arch.hidden_size))
-            self.register_buffer("d2t", d2t.to(torch.int64), persistent=False)
-            self.register_buffer("t2d", t2d, persistent=False)
-            self.register_buffer("draft_ids", draft_ids, persistent=False)
-        else:
-            self.weight = None
-            self.d2t = self.t2d = self.draft_ids = None
-
-    @torch.no_grad()
-    def init_from_target(self) -> None:
-        if self.weight is not None:
-            self.weight.copy_(self.target[0].lm_head_weight[self.draft_ids].float())
-
-    def forward(self, hidden, teacher, masks, weights, chunk_tokens: int):
-        target_weight = self.target[0].lm_head_weight
-        draft_weight = target_weight if self.weight is None else self.weight
-        return _ChunkedSoftCE.apply(hidden, draft_weight, teacher, target_weight, masks, weights,
-                                    self.draft_ids, self.t2d, chunk_tokens)
-
-
-def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place (no [rows, V] temporaries): logits -> probabilities; also (argmax, log-sum-exp)."""
-    top, argmax = logits.max(dim=-1)
-    total = logits.sub_(top[:, None]).exp_().sum(-1)
-    logits.div_(total[:, None])
-    return logits, argmax, top + total.log()
-
-
-class _ChunkedSoftCE(torch.autograd.Function):
-    """Weighted soft cross-entropy of K steps' draft logits against the shifted teacher, by chunks."""
-
-    @staticmethod
-    def forward(ctx, hidden, draft_weight, teacher, target_weight, masks, weights, draft_ids, t2d, chunk_tokens):
-        steps, batch, length, _ = hidden.shape
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # logits, softmax and sums: fp32 at least
-        want_weight_grad = ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(draft_weight.shape, dtype=acc, device=hidden.device) \
-            if want_weight_grad else None
-        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        stats = torch.zeros(steps, 3, dtype=torch.float64, device=hidden.device)
-        stats[:, 2] = masks.sum(dim=(1, 2)).double()
-        agree = torch.zeros_like(masks)  # [K, B, T]: step k's argmax is the teacher's (mask or not)
-        span = max(1, chunk_tokens // batch)
-        for start in range(0, length, span):
-            stop = min(start + span, length)
-            # teacher rows for this chunk's K steps: positions start .. stop + K - 2
-            rows = teacher[:, start:min(stop + steps - 1, length)]
-            num_rows = rows.shape[1]
-            target_logits = (rows.flatten(0, 1) @ target_weight.T).to(acc)
-            in_vocab = None
-            if draft_ids is None:
-                probs, target_argmax, _ = _softmax_(target_logits)
-            else:  # reduced vocab: teacher renormalised over the draft's tokens
-                target_argmax = target_logits.argmax(-1)
-                in_vocab = t2d[target_argmax].view(batch, num_rows)
-                probs = _softmax_(target_logits[:, draft_ids])[0]
-            probs, target_argmax = probs.view(batch, num_rows, -1), target_argmax.view(batch, num_rows)
-            for k in range(steps):
-                end = min(stop, length - k)  # step k has no teacher (and no mask) past length - k
-                if end <= start:
-                    continue
-                n = end - start
-                h = hidden[k, :, start:end].flatten(0, 1)
-                p = probs[:, k:k + n].flatten(0, 1)
-                m = masks[k, :, start:end].flatten()
-                w = weights[k, :, start:end].flatten().to(acc)
-                if in_vocab is not None:
-                    valid = in_vocab[:, k:k + n].flatten()
-                    m, w = m & valid, w * valid
-                logits = (h @ draft_weight.T).to(acc)
-                dot = torch.linalg.vecdot(p, logits)
-                q, draft_argmax, lse = _softmax_(logits)
-                ce = lse - dot  # = -sum_v p * log q
-                if draft_ids is not None:
-                    draft_argmax = draft_ids[draft_argmax]
-                loss += (ce * w).sum().double()
-                stats[k, 0] += (ce * m).sum().double()
-                match = draft_argmax == target_argmax[:, k:k + n].flatten()
-                agree[k, :, start:end] = match.view(batch, n)
-                stats[k, 1] += (match & m).sum().double()
-                grad_logits = q.sub_(p).mul_(w[:, None])  # d loss / d logits = w * (softmax - teacher)
-                grad_hidden[k, :, start:end] = (grad_logits.to(draft_weight.dtype) @ draft_weight).view(batch, n, -1)
-                if want_weight_grad:
-                    grad_weight.addmm_(grad_logits.T, h.to(acc))
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = draft_weight.dtype
-        ctx.mark_non_differentiable(stats, agree)
-        return loss.to(acc), stats, agree
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats, grad_agree):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
-

@@ -1,0 +1,138 @@
+"""The draft format (docs/formats.md section 4): architecture, tensor names and initial weights.
+
+What training writes to ``final/`` and export turns into vLLM's directory share one
+description, here: ``DraftArch`` (``final/draft.json``), the tensor names vLLM 0.32's
+``LlamaForCausalLMEagle3`` loads (before its qkv / gate_up stacking, no ``model.``
+prefix) with their shapes, and the HF-Llama initialisation rule both the trainer and
+the untrained baseline draft use. Nothing here builds a module: train/draft.py makes
+the ``nn.Module`` from ``DraftArch`` and names its parameters after ``tensor_shapes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+import torch
+
+# the metadata "format" of final/model.safetensors
+FORMAT = "eaglecache.draft"
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
+
+FC = "fc.weight"
+# The one decoder layer, in vLLM's checkpoint names.
+LAYER_TENSORS = (
+    "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
+    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight",
+    "midlayer.post_attention_layernorm.weight",
+    "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight",
+)
+REQUIRED_TENSORS = (FC,) + LAYER_TENSORS
+OUTPUT_NORM = "norm.weight"
+# A reduced vocabulary only: its own LM head rows and the draft-to-target / target-to-draft id maps.
+LM_HEAD, D2T, T2D = "lm_head.weight", "d2t", "t2d"
+# What a full-vocab draft shares with the target and an export leaves out.
+SHARED_WITH_TARGET = (LM_HEAD, D2T, T2D, "embed_tokens.weight")
+
+
+@dataclass
+class DraftArch:
+    """The draft's architecture; written to final/draft.json, read back by export."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    target_num_hidden_layers: int
+    aux_layer_ids: list[int]
+    max_position_embeddings: int
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rope: dict[str, Any] = field(default_factory=dict)  # the target's RoPE keys, copied verbatim
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("rope"))  # RoPE keys at the top level, as in an HF config
+        return out
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "DraftArch":
+        """The inverse of ``to_json``; keys it does not know (``provenance``) are left out."""
+        names = {f.name for f in fields(cls)} - {"rope"}
+        return cls(**{k: v for k, v in doc.items() if k in names},
+                   rope={k: doc[k] for k in ROPE_KEYS if doc.get(k) is not None})
+
+    @classmethod
+    def from_target(cls, target: Mapping[str, Any], aux_layer_ids: list[int], draft_vocab_size: Optional[int] = None,
+                    intermediate_size: Optional[int] = None, num_attention_heads: Optional[int] = None,
+                    num_key_value_heads: Optional[int] = None) -> "DraftArch":
+        """A one-layer draft with the target's dimensions (its text model's, for a VL target); null sizes
+        are the target's."""
+        hidden, heads = target["hidden_size"], target["num_attention_heads"]
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=intermediate_size or target["intermediate_size"],
+            num_attention_heads=num_attention_heads or heads,
+            num_key_value_heads=num_key_value_heads or target.get("num_key_value_heads") or heads,
+            head_dim=target.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(target.get("rms_norm_eps", 1e-6)),
+            vocab_size=target["vocab_size"],
+            draft_vocab_size=draft_vocab_size or target["vocab_size"],
+            target_hidden_size=hidden,
+            target_num_hidden_layers=target["num_hidden_layers"],
+            aux_layer_ids=list(aux_layer_ids),
+            max_position_embeddings=target.get("max_position_embeddings", 4096),
+            hidden_act=target.get("hidden_act", "silu"),
+            initializer_range=target.get("initializer_range", 0.02),
+            rope={k: target[k] for k in ROPE_KEYS if target.get(k) is not None},
+        )
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.draft_vocab_size < self.vocab_size
+
+
+def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
+    """Every trainable tensor of the draft and its shape, in the order the initialisation draws them.
+
+    q/k/v read ``[input_layernorm(embed), hidden_norm(h)]`` (2 x hidden inputs); ``lm_head`` exists
+    for a reduced vocabulary only."""
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    q_out, kv_out = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    shapes = {
+        FC: (hidden, arch.target_hidden_size * len(arch.aux_layer_ids)),
+        "midlayer.input_layernorm.weight": (hidden,),
+        "midlayer.hidden_norm.weight": (hidden,),
+        "midlayer.self_attn.q_proj.weight": (q_out, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": (kv_out, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": (kv_out, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": (hidden, q_out),
+        "midlayer.post_attention_layernorm.weight": (hidden,),
+        "midlayer.mlp.gate_proj.weight": (inter, hidden),
+        "midlayer.mlp.up_proj.weight": (inter, hidden),
+        "midlayer.mlp.down_proj.weight": (hidden, inter),
+        OUTPUT_NORM: (hidden,),
+    }
+    if arch.reduced_vocab:
+        shapes[LM_HEAD] = (arch.draft_vocab_size, hidden)
+    return shapes
+
+
+def initial_tensors(arch: DraftArch, seed: int) -> dict[str, torch.Tensor]:
+    """HF Llama's init from one generator seeded ``seed``: N(0, initializer_range) matrices drawn in
+    ``tensor_shapes`` order, unit RMSNorm weights. The trainer then starts the output norm and a reduced
+    LM head from the target's (train/draft.py); the untrained baseline keeps these."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in tensor_shapes(arch).items():
+        if len(shape) == 2:
+            out[name] = torch.randn(shape, generator=generator) * arch.initializer_range
+        else:
+            out[name] = torch.ones(shape)
+    return out
