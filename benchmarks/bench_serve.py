@@ -17,7 +17,7 @@ import json
 
 def main() -> None:
     from eaglecache.config import load_config
-    from eaglecache.serve import engine, prompts
+    from eaglecache.serve import prompts, vllm_engine
     from eaglecache.serve.bench import run_engine
     from eaglecache.serve.export import resolve_target_dir
 
@@ -33,14 +33,14 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     target_dir = resolve_target_dir(config)
     prompt_set = prompts.load_prompt_set(args.prompts, target_dir, args.num_prompts)
-    max_len = engine.serving_max_model_len(config, target_dir)
+    max_len = vllm_engine.serving_max_model_len(config, target_dir)
     prompts.render_prompt_sets([prompt_set], target_dir, max_len - config.serve.max_new_tokens)
     sampling = {"temperature": 0.0, "max_tokens": config.serve.max_new_tokens, "ignore_eos": True}
     rows = []
     for concurrency in args.concurrency:
         speeds = {}
         for label, draft in (("no draft", None), ("draft", args.draft)):
-            settings = {**engine.engine_settings(config, target_dir, draft), "max_num_seqs": concurrency}
+            settings = {**vllm_engine.engine_settings(config, target_dir, draft), "max_num_seqs": concurrency}
             [run] = run_engine(settings, [prompt_set], sampling, f"{label}, {concurrency} in flight")
             speeds[label] = run.num_output_tokens / run.seconds
             if draft:

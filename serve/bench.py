@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eaglecache.serve import engine, prompts
+from eaglecache.serve import prompts, vllm_engine
 from eaglecache.serve.card import render_model_card, results_table
-from eaglecache.serve.export import build_untrained_draft, read_export, resolve_target_dir
+from eaglecache.formats.draft import MODEL_CARD, read_draft_dir
+from eaglecache.serve.export import build_untrained_draft, resolve_target_dir
 from eaglecache.serve.metrics import SpecCounters, counters_from_metrics
 
 log = logging.getLogger(__name__)
@@ -116,17 +117,17 @@ def first_difference(index: int, with_draft: list[int], alone: list[int],
 def benchmark(config, target_dir: Path, drafts: dict[str, Path], prompt_sets: list[prompts.PromptSet]) -> dict[str, Any]:
     """Run the target alone and with each draft over the prompt sets; the results document."""
     serve = config.serve
-    max_len = engine.serving_max_model_len(config, target_dir)
+    max_len = vllm_engine.serving_max_model_len(config, target_dir)
     prompts.render_prompt_sets(prompt_sets, target_dir, max_len - serve.max_new_tokens)
     sampling = {"temperature": serve.temperature, "max_tokens": serve.max_new_tokens, "seed": serve.seed}
     greedy = serve.temperature == 0.0
     if greedy:  # every run computes them, so the speeds compare like with like
         sampling["logprobs"] = REFERENCE_LOGPROBS
-    baseline = run_engine(engine.engine_settings(config, target_dir, None), prompt_sets, sampling,
+    baseline = run_engine(vllm_engine.engine_settings(config, target_dir, None), prompt_sets, sampling,
                           "target alone (speed baseline, reference outputs)")
     rows = []
     for label, draft_dir in drafts.items():
-        runs = run_engine(engine.engine_settings(config, target_dir, draft_dir), prompt_sets, sampling,
+        runs = run_engine(vllm_engine.engine_settings(config, target_dir, draft_dir), prompt_sets, sampling,
                           f"target + draft {label!r}")
         rows += [_row(label, s, r, b, greedy) for s, r, b in zip(prompt_sets, runs, baseline)]
     import vllm
@@ -145,7 +146,7 @@ def benchmark(config, target_dir: Path, drafts: dict[str, Path], prompt_sets: li
 
 
 def _draft_identity(path: Path) -> dict[str, Any]:
-    _, meta = read_export(path)
+    _, meta = read_draft_dir(path)
     return {"source": meta.get("source"), "weights_sha256": meta.get("weights_sha256")}
 
 
@@ -208,30 +209,37 @@ def write_results(results: dict[str, Any], output: Path) -> None:
 
 def update_model_card(draft_dir: Path, label: str, results: dict[str, Any]) -> None:
     """Re-render the draft's README.md with its own rows of the results."""
-    config, meta = read_export(draft_dir)
+    config, meta = read_draft_dir(draft_dir)
     if not meta:
         return
     own = {**results, "rows": [r for r in results["rows"] if r["draft"] == label]}
-    _write_text(draft_dir / "README.md", render_model_card(config, meta, meta.get("training"), own))
+    _write_text(draft_dir / MODEL_CARD, render_model_card(config, meta, meta.get("training"), own))
 
 
-def run_bench(config, args) -> int:
+def bench(config, *, draft: str | Path, prompt_sets: list[str], output: str | Path, untrained_baseline: bool = False,
+          overwrite: bool = False) -> int:
+    """Benchmark the exported ``draft`` (and, with ``untrained_baseline``, a random one of its shape) against the
+    target alone on ``prompt_sets`` (names or JSONL files); results into ``output``, rows into the draft's model
+    card. ``overwrite`` as `--overwrite`."""
+    from eaglecache import outputs
+
+    outputs.claim_output(output, overwrite, "bench", outputs.bench_results)
     target_dir = resolve_target_dir(config)
-    draft_dir = Path(args.draft).resolve()
-    draft_config, meta = read_export(draft_dir)
-    engine.check_draft_fits_target(draft_config, target_dir)
-    output = Path(args.output)
-    prompt_sets = [prompts.load_prompt_set(name, target_dir, config.serve.max_prompts) for name in args.prompts]
+    draft_dir = Path(draft).resolve()
+    draft_config, meta = read_draft_dir(draft_dir)
+    vllm_engine.check_draft_fits_target(draft_config, target_dir)
+    output = Path(output)
+    sets = [prompts.load_prompt_set(name, target_dir, config.serve.max_prompts) for name in prompt_sets]
     label = "trained" if meta.get("source") == "training run" else draft_dir.name
     drafts = {label: draft_dir}
-    if getattr(args, "untrained_baseline", False):
+    if untrained_baseline:
         aux = draft_config["eagle_aux_hidden_state_layer_ids"]
         drafts[UNTRAINED] = build_untrained_draft(target_dir, output / "untrained-draft", config.serve.seed, aux,
-                                                  engine.serving_max_model_len(config, target_dir))
-    results = benchmark(config, target_dir, drafts, prompt_sets)
+                                                  vllm_engine.serving_max_model_len(config, target_dir))
+    results = benchmark(config, target_dir, drafts, sets)
     write_results(results, output)
     update_model_card(draft_dir, label, results)
     print(results_table(results["rows"], results["num_speculative_tokens"]))
     print(f"results: {output / 'results.md'}, {output / 'results.json'}, {output / 'acceptance.png'}; "
-          f"model card updated: {draft_dir / 'README.md'}")
+          f"model card updated: {draft_dir / MODEL_CARD}")
     return 0

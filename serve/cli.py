@@ -1,39 +1,40 @@
-"""``eaglecache export|bench|serve|demo``: the serve stage's commands."""
+"""``eaglecache export|bench|serve|demo``: the serve stage's commands; each unpacks its flags into a typed call."""
 
 from eaglecache import outputs
 from eaglecache.cli import add_command
+from eaglecache.flags import add_flag
 
 
 def _export(config, args):
-    from eaglecache.serve.export import run_export
+    from eaglecache.serve.export import export
 
-    outputs.claim_output(args.output, args.overwrite, "export", outputs.export_dir)
-    return run_export(config, args)
+    export(config, run_dir=args.run_dir, output=args.output, overwrite=args.overwrite)
+    return 0
 
 
 def _bench(config, args):
-    from eaglecache.serve.bench import run_bench
+    from eaglecache.serve.bench import bench
 
-    outputs.claim_output(args.output, args.overwrite, "bench", outputs.bench_results)
-    return run_bench(config, args)
+    return bench(config, draft=args.draft, prompt_sets=args.prompts, output=args.output,
+                 untrained_baseline=args.untrained_baseline, overwrite=args.overwrite)
 
 
 def _serve(config, args):
-    from eaglecache.serve.server import run_serve
+    from eaglecache.serve.server import serve
 
-    return run_serve(config, args)
+    return serve(config, draft=args.draft, port=args.port, host=args.host)
 
 
 def _demo(config, args):
-    from eaglecache.serve.demo import run_demo
+    from eaglecache.serve.demo import demo
 
-    outputs.claim_output(args.output, args.overwrite, "demo", outputs.demo_dir)
-    return run_demo(config, args)
+    return demo(config, output=args.output, overwrite=args.overwrite, verbose=args.verbose)
 
 
 def register(subparsers) -> None:
     p = add_command(subparsers, "export", _export, "Turn a training checkpoint into a draft directory vLLM loads.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="Training run directory or checkpoint.")
+    add_flag(p, "--run-dir", aliases=("--checkpoint",), required=True, metavar="DIR",
+             help="Training run directory (from `eaglecache train`), or its final/.")
     p.add_argument("--output", required=True, metavar="DIR", help="Draft directory to write.")
     outputs.add_overwrite_flag(p)
     p = add_command(subparsers, "bench", _bench,

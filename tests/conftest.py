@@ -83,7 +83,7 @@ def single_rank():
     os.environ.update(env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only spin
-    from eaglecache.train.engine import init_distributed
+    from eaglecache.train.deepspeed_engine import init_distributed
 
     yield init_distributed()
     torch.set_num_threads(threads)

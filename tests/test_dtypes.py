@@ -9,7 +9,7 @@ import torch
 
 from eaglecache import dtypes
 from eaglecache.config import load_config
-from eaglecache.train.engine import deepspeed_config
+from eaglecache.train.deepspeed_engine import deepspeed_config
 
 NATIVE = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 

@@ -6,6 +6,7 @@ and test_serve.py, and a run from the real trainer by test_demo.py.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from safetensors.torch import save_file
 from eaglecache.cli import main
 from eaglecache.config import load_config
 from eaglecache.errors import UserError
+from eaglecache.formats.draft import read_draft_dir
 from eaglecache.serve.export import (
-    build_untrained_draft, draft_architecture, export_run, random_draft_tensors, read_export,
+    build_untrained_draft, draft_architecture, export_run, random_draft_tensors,
 )
 from eaglecache.target import target_config
 
@@ -54,7 +56,7 @@ def _fake_run(tmp_path, target, draft_vocab_size=None, extra=(), drop=()):
 def test_full_vocab_export_has_vllm_names_and_shares_embedding_and_head(tmp_path, tiny_target):
     run = _fake_run(tmp_path, tiny_target, extra=("embed", "lm_head", "d2t"))
     out = export_run(run, tmp_path / "draft", tiny_target)
-    config, meta = read_export(out)
+    config, meta = read_draft_dir(out)
     target = target_config(tiny_target)
 
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["model_type"] == "llama"
@@ -87,7 +89,7 @@ def test_full_vocab_export_has_vllm_names_and_shares_embedding_and_head(tmp_path
 def test_reduced_vocab_export_keeps_head_and_mapping(tmp_path, tiny_target):
     run = _fake_run(tmp_path, tiny_target, draft_vocab_size=512, extra=("lm_head", "d2t"))
     out = export_run(run, tmp_path / "draft", tiny_target)
-    config, _ = read_export(out)
+    config, _ = read_draft_dir(out)
     tensors = _tensors(out / "model.safetensors")
     assert config["draft_vocab_size"] == 512 < config["vocab_size"]
     assert tensors["lm_head.weight"].shape == (512, config["hidden_size"])
@@ -130,15 +132,41 @@ def test_untrained_draft_is_seeded(tmp_path, tiny_target):
     c = _tensors(build_untrained_draft(tiny_target, tmp_path / "c", seed=4) / "model.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a["fc.weight"], c["fc.weight"])
-    assert read_export(tmp_path / "a")[1]["source"].startswith("untrained")
+    assert read_draft_dir(tmp_path / "a")[1]["source"].startswith("untrained")
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, tiny_target):
-    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
-    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert main(["export", "--run-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["export", "--checkpoint", str(tmp_path / "empty"), "--output", str(tmp_path / "o"),
+    assert main(["export", "--run-dir", str(tmp_path / "empty"), "--output", str(tmp_path / "o"),
                  f"target.path={tiny_target}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a finished training run" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_run_directory_of_the_previous_release_is_read_and_exported(tmp_path):
+    """tests/fixtures/run_v1 was written by release 95dabc5's trainer functions (tests/fixtures/make_run_v1.py)."""
+    from eaglecache.formats import run as run_format
+    from eaglecache.formats.draft import REQUIRED_TENSORS, DraftArch
+
+    run = FIXTURES / "run_v1"
+    assert run_format.read_run_json(run)["total_steps"] == 2 and run_format.committed_steps(run) == []
+    assert [r["step"] for r in run_format.read_metrics(run)] == [1, 2]
+    assert load_config(run / "config.yaml").train.max_steps == 2
+    doc = run_format.read_final_arch(run)
+    arch = DraftArch.from_json(doc)
+    assert arch.to_json() == {k: v for k, v in doc.items() if k != "provenance"} and arch.reduced_vocab
+
+    out = export_run(run, tmp_path / "draft")
+    config, meta = read_draft_dir(out)
+    assert config["draft_vocab_size"] == 16 and config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
+    assert meta["run"]["format"] == "eaglecache.run" and meta["training"]["optimizer_steps"] == 2
+    exported, saved = _tensors(out / "model.safetensors"), _tensors(run / "final" / "model.safetensors")
+    assert set(exported) == {*REQUIRED_TENSORS, "norm.weight", "lm_head.weight", "d2t", "t2d"} == set(saved)
+    assert all(torch.equal(exported[n], saved[n]) for n in saved)
+    assert exported["fc.weight"].dtype == torch.bfloat16 and exported["d2t"].dtype == torch.int64

@@ -77,7 +77,7 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """One rank's whole run: model, engine, resume, loop, final weights. Returns the last metrics."""
     from eaglecache.train.checkpoint import load_checkpoint, run_fingerprint, save_final, write_run_json
-    from eaglecache.train.engine import create_engine, deepspeed_config
+    from eaglecache.train.deepspeed_engine import create_engine, deepspeed_config
     from eaglecache.train.loader import SamplePlan, StreamingLoader
     from eaglecache.train.loop import run_loop
 
@@ -166,7 +166,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     from eaglecache.config import load_config
     from eaglecache.target import resolve_target
-    from eaglecache.train.engine import init_distributed
+    from eaglecache.train.deepspeed_engine import init_distributed
 
     args = parse_args(argv)
     # DeepSpeed's ZeRO-3 still calls the torch.distributed names torch 2.13 deprecates, once per step

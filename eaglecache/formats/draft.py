@@ -1,4 +1,4 @@
-"""The draft format (docs/formats.md section 4): architecture, tensor names and initial weights.
+"""The draft format (docs/formats.md section 4): architecture, tensor names, initial weights, draft directory.
 
 What training writes to ``final/`` and export turns into vLLM's directory share one
 description, here: ``DraftArch`` (``final/draft.json``), the tensor names vLLM 0.32's
@@ -6,17 +6,28 @@ description, here: ``DraftArch`` (``final/draft.json``), the tensor names vLLM 0
 prefix) with their shapes, and the HF-Llama initialisation rule both the trainer and
 the untrained baseline draft use. Nothing here builds a module: train/draft.py makes
 the ``nn.Module`` from ``DraftArch`` and names its parameters after ``tensor_shapes``.
+
+The exported draft directory (``eaglecache.export`` v1, written by serve/export.py, read by
+bench and serve): config.json (vLLM's), model.safetensors, export.json (provenance), README.md.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 
+from eaglecache.errors import UserError
+
 # the metadata "format" of final/model.safetensors
 FORMAT = "eaglecache.draft"
+# the exported draft directory
+EXPORT_FORMAT, EXPORT_VERSION = "eaglecache.export", 1
+CONFIG_JSON, WEIGHTS, EXPORT_JSON, MODEL_CARD = "config.json", "model.safetensors", "export.json", "README.md"
+ARCHITECTURE = "LlamaForCausalLMEagle3"
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 
 FC = "fc.weight"
@@ -136,3 +147,16 @@ def initial_tensors(arch: DraftArch, seed: int) -> dict[str, torch.Tensor]:
         else:
             out[name] = torch.ones(shape)
     return out
+
+
+def read_draft_dir(draft_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, export.json) of an exported draft directory, with one-line errors for anything else
+    (export.json is {} for a draft exported by another tool)."""
+    draft_dir = Path(draft_dir)
+    if not (draft_dir / CONFIG_JSON).is_file() or not (draft_dir / WEIGHTS).is_file():
+        raise UserError(f"{draft_dir} is not a draft directory (needs {CONFIG_JSON} and {WEIGHTS})")
+    config = json.loads((draft_dir / CONFIG_JSON).read_text())
+    if ARCHITECTURE not in config.get("architectures", []):
+        raise UserError(f"{draft_dir}/{CONFIG_JSON} is not an EAGLE3 draft (architectures {config.get('architectures')})")
+    meta_path = draft_dir / EXPORT_JSON
+    return config, (json.loads(meta_path.read_text()) if meta_path.is_file() else {})
