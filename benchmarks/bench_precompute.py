@@ -52,7 +52,7 @@ def make_dataset(path: Path, vocab: int, num_samples: int, num_tokens: int, targ
 
 def bench_prefill(config, target, data: Path, work: Path, reps: int) -> dict:
     from eaglecache.formats.dataset import open_dataset
-    from eaglecache.precompute.engine import build_engine, prefill
+    from eaglecache.precompute.vllm_engine import build_engine, prefill
     from eaglecache.precompute.run import resolve_layers, run_precompute
 
     aux, num_layers = resolve_layers(config, target)
@@ -69,10 +69,8 @@ def bench_prefill(config, target, data: Path, work: Path, reps: int) -> dict:
         return total / (time.perf_counter() - started)
 
     def run_extract(rep: int) -> float:
-        args = argparse.Namespace(input=str(data), output=str(work / f"cache-{rep}"), shard_index=None,
-                                  num_shards=None, limit=None)
         started = time.perf_counter()
-        run_precompute(config, args, llm=extract)
+        run_precompute(config, data=data, output=work / f"cache-{rep}", llm=extract)
         return total / (time.perf_counter() - started)
 
     run_plain(), run_extract(-1)  # warm-up (compilation, allocator)
@@ -126,7 +124,7 @@ def writer_gbps(directory: Path, gb: float, codec: str) -> dict[str, float]:
 def _in_fresh_process(*args: str) -> dict[str, float]:
     """Run this file's ``args`` mode in a new process with the environment vLLM's worker gets
     (build_engine sets it), since the writer lives in that worker."""
-    from eaglecache.precompute.engine import enable_malloc_hugepages
+    from eaglecache.precompute.vllm_engine import enable_malloc_hugepages
 
     env = dict(os.environ)
     enable_malloc_hugepages(env)
@@ -179,7 +177,7 @@ def _disk_only(gb: float, directory: Path) -> dict[str, float]:
 
 
 def _writer_only(codec: str, gb: float, directory: Path) -> dict[str, float]:
-    from eaglecache.precompute.store import PartWriter
+    from eaglecache.precompute.writer import PartWriter
 
     num_warmup = NUM_WARMUP_SAMPLES
     num_samples = max(1, int(gb * 1e9 / BYTES_PER_SAMPLE))
@@ -206,7 +204,7 @@ def _writer_only(codec: str, gb: float, directory: Path) -> dict[str, float]:
 def bytes_per_token(cache_path: Path, work: Path) -> list[tuple[str, float]]:
     """Rewrite the real states of a cache with each codec; bytes on disk per token."""
     from eaglecache.precompute.reader import open_cache
-    from eaglecache.precompute.store import PartWriter
+    from eaglecache.precompute.writer import PartWriter
 
     source = open_cache(cache_path)
     meta = dict(source.metadata)
@@ -243,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from eaglecache.config import load_config
-    from eaglecache.precompute.store import use_fast_codec_pipeline
+    from eaglecache.precompute.shardmeta import use_fast_codec_pipeline
     from eaglecache.target import resolve_target, target_config
 
     # shards of 1/8 of the data, so that writing overlaps the prefill as it does in a long run

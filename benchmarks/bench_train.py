@@ -72,7 +72,7 @@ def make_inputs(root: Path, num_samples: int) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import save_file
 
-    from eaglecache.precompute.store import PartWriter, create_or_check_cache
+    from eaglecache.precompute.writer import PartWriter, create_or_check_cache
     from eaglecache.target import weights_hash
 
     h, v, seq = DIMS["hidden"], DIMS["vocab"], DIMS["seq"]
@@ -112,7 +112,7 @@ def child(args) -> dict:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from eaglecache.config import load_config
     from eaglecache.precompute.reader import open_cache
-    from eaglecache.train.engine import init_distributed
+    from eaglecache.train.deepspeed_engine import init_distributed
     from eaglecache.train.main import train
 
     from eaglecache.train import metrics

@@ -65,7 +65,7 @@ def make_states(num_samples: int, mean_tokens: int, hidden: int, seed: int = 0):
 def write_all_layouts(root: Path, num_samples: int, mean_tokens: int, hidden: int, variants: list[tuple[str, int]],
                       shard_tokens: int = 65536) -> dict[str, Path]:
     """Our cache once per (codec, chunk_tokens) variant and the peers' per-sample files, from the same states."""
-    from eaglecache.precompute.store import PartWriter, create_or_check_cache
+    from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 
     out, writers = {}, []
     for codec, chunk_tokens in variants:

@@ -26,7 +26,8 @@ _GREEDY_FLAGS = ("input", "prompts")
 
 
 def _collect_overrides(args: argparse.Namespace) -> None:
-    """Move ``a.b=v`` items that a greedy ``nargs='+'`` flag swallowed back into the overrides."""
+    """Move ``a.b=v`` items that a greedy ``nargs='+'`` flag swallowed back into the overrides, and an old
+    positional argument the overrides swallowed back to its flag."""
     for name in _GREEDY_FLAGS:
         value = getattr(args, name, None)
         if not isinstance(value, list):
@@ -35,6 +36,12 @@ def _collect_overrides(args: argparse.Namespace) -> None:
         if moved:
             setattr(args, name, [v for v in value if v not in moved])
             args.overrides = list(args.overrides) + moved
+    # a positional argument that became a flag (eaglecache/flags.py) lands among the overrides: hand it back
+    for dest in getattr(args, "positional_aliases", ()):
+        stray = [v for v in args.overrides if not _OVERRIDE.match(v)]
+        if stray:
+            setattr(args, f"{dest}_positional", stray[0])
+            args.overrides = [v for v in args.overrides if v is not stray[0]]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -101,7 +101,7 @@ def vocab_file(path: Path) -> bool:
 
 def feature_cache(path: Path) -> bool:
     """A cache (any settings: precompute itself refuses one made with others, or resumes its own)."""
-    from eaglecache.precompute.store import CACHE_FILE, FORMAT
+    from eaglecache.formats.cache import CACHE_FILE, FORMAT
 
     return _json_format(path / CACHE_FILE, FORMAT)
 

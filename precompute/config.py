@@ -1,19 +1,14 @@
 """Config of the precompute stage: the vLLM engine, which layers to dump, the store codec."""
 
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from eaglecache.section import Section
+from eaglecache.flags import warn_deprecated
+from eaglecache.section import Section, strictly_ascending
 
-
-def strictly_ascending(layer_ids: Optional[list[int]]) -> Optional[list[int]]:
-    """Aux layer ids as vLLM orders them: it concatenates the aux states in ascending layer order, so a
-    draft trained on any other order (or a repeated layer) gets a permutation of what serving feeds it."""
-    if layer_ids is not None and any(a >= b for a, b in zip(layer_ids, layer_ids[1:])):
-        raise ValueError(f"layer ids must be strictly ascending (vLLM concatenates aux states in that order), "
-                         f"e.g. {sorted(set(layer_ids))}")
-    return layer_ids
+# keys of earlier releases, where "shard" also meant a job's part: still read, with one deprecation line
+RENAMED_KEYS = {"num_shards": "num_parts", "shard_index": "part_index"}
 
 
 class PrecomputeConfig(Section):
@@ -35,12 +30,27 @@ class PrecomputeConfig(Section):
     fp8: bool = Field(
         False, description="Lossy: store states as FP8 e4m3 with a per-token scale (breaks bit-equivalence)."
     )
-    num_shards: int = Field(1, ge=1, description="Number of independent precompute jobs the data set is split into.")
-    shard_index: int = Field(0, ge=0, description="Which of the num_shards parts this job writes.")
+    num_parts: int = Field(1, ge=1, description="Number of independent precompute jobs the data set is split into, "
+                           "one part of the cache each.")
+    part_index: int = Field(0, ge=0, description="Which of the num_parts parts this job writes.")
 
     # the writer's parallelism and memory, and which part a job writes, never change a stored value (the
     # resolved tensor parallel size and the number of parts are recorded at the top of the cache metadata)
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("tensor_parallel_size", "batch_size", "max_pending_gib",
-                                               "num_shards", "shard_index")
+                                               "num_parts", "part_index")
 
     _aux_order = field_validator("aux_layer_ids")(strictly_ascending)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(old in data for old in RENAMED_KEYS):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"precompute.{old} and precompute.{new} are the same setting: give {new} only")
+                warn_deprecated(f"precompute.{old}", f"precompute.{new}")
+                data[new] = data.pop(old)
+        return data

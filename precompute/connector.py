@@ -34,7 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
 )
 
 from eaglecache.precompute.sink import Extracted, StateSink
-from eaglecache.precompute.store import PartWriter
+from eaglecache.precompute.writer import PartWriter
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Which precompute job owns a cache part: a lock held for the job's whole life, and its vLLM processes.
 
-Two jobs started on the same ``--shard-index`` by mistake must not both write one
-part. The owner holds an ``flock`` on ``parts/part-IIIII-of-NNNNN.lock``; the
+Two jobs started on the same ``--part-index`` by mistake must not both write one
+part. The owner holds an ``flock`` on the part's lock file (``parts/part-IIIII-of-NNNNN.lock``,
+eaglecache/formats/cache.py); the
 kernel drops it when the holder dies, even by SIGKILL, so a killed job never
 leaves a stale lock (a PID file would).
 
@@ -29,15 +30,15 @@ import time
 from pathlib import Path
 
 from eaglecache.errors import UserError
+from eaglecache.formats.cache import lock_path
 
 
 class PartLock:
     """Exclusive ownership of one part of a cache, for this process and the processes it starts."""
 
     def __init__(self, cache_dir: str | Path, name: str):
-        parts = Path(cache_dir) / "parts"
-        parts.mkdir(parents=True, exist_ok=True)
-        self.path = parts / f"{name}.lock"
+        self.path = lock_path(cache_dir, name)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.name = name
         self._file = None
         self._watchdog: subprocess.Popen | None = None
@@ -52,7 +53,7 @@ class PartLock:
             holder = f.read().strip() or "unknown"
             f.close()
             raise UserError(f"{self.name} of {self.path.parent.parent} is being written by another precompute job "
-                            f"({holder}); one part takes one job: check --shard-index/--num-shards") from None
+                            f"({holder}); one part takes one job: check --part-index/--num-parts") from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%F %T")}))

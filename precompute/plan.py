@@ -1,8 +1,8 @@
 """``eaglecache plan``: storage and bandwidth planning for a feature cache, before any GPU runs.
 
-Bytes per token follow the store format (precompute/FORMAT.md): int32 input id,
-uint8 loss mask, and (num_aux + 1) * hidden_size bf16 values (half that in FP8
-mode, plus a float32 scale per stored row). Lossless codecs are given as ratios:
+Bytes per token follow the cache format (``formats.cache.bytes_per_token``): int32
+input id, uint8 loss mask, and (num_aux + 1) * hidden_size bf16 values (half that
+in FP8 mode, plus a float32 scale per stored row). Lossless codecs are given as ratios:
 measured on a real cache when ``--cache`` is passed, otherwise nominal figures
 measured on synthetic bf16 activations (labelled as such). Every figure printed can
 be checked by hand from the ones printed above it.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eaglecache.errors import UserError
+from eaglecache.formats.cache import bytes_per_token, metadata_bytes_per_token
 from eaglecache.target import default_aux_layer_ids
 
 # Compression ratios of lossless codecs on synthetic bf16 activations (zarr 3.1, level 1; blosc-zstd
@@ -33,9 +34,7 @@ def measured_codec_ratio(cache_path: str) -> tuple[str, float]:
     meta = cache.metadata
     if not cache.total_tokens:
         raise UserError(f"{cache_path}: no committed shard to measure")
-    num_layers = len(meta["aux_layer_ids"]) + 1
-    states = num_layers * meta["hidden_size"]
-    raw = 4 + 1 + (states + 4 * num_layers if meta["dtype"] == "fp8_e4m3" else 2 * states)
+    raw = metadata_bytes_per_token(meta)
     on_disk = sum(shard["nbytes"] for _, record in cache.parts for shard in record["shards"])
     return meta["codec"], raw * cache.total_tokens / on_disk
 
@@ -55,10 +54,7 @@ class StoragePlan:
 
     @property
     def raw_bytes_per_token(self) -> int:
-        ids_and_mask = 4 + 1
-        if self.fp8:
-            return ids_and_mask + self.states_per_token + 4 * (self.num_aux_layers + 1)
-        return ids_and_mask + 2 * self.states_per_token
+        return bytes_per_token(self.num_aux_layers, self.hidden_size, self.fp8)
 
     @property
     def raw_bytes(self) -> int:
@@ -83,30 +79,33 @@ def _target_dims(config) -> tuple[int, int]:
     return int(text["hidden_size"]), int(text["num_hidden_layers"])
 
 
-def _dataset_counts(dataset: str) -> tuple[int, int]:
+def _dataset_counts(data: str | Path) -> tuple[int, int]:
     from eaglecache.formats.dataset import open_dataset
 
-    meta = open_dataset(dataset).metadata
+    meta = open_dataset(data).metadata
     return int(meta["num_samples"]), int(meta["num_tokens"])
 
 
-def run_plan(config, args) -> int:
-    if args.dataset:
-        num_samples, num_tokens = _dataset_counts(args.dataset)
-    elif args.num_samples and args.mean_tokens:
-        num_samples, num_tokens = args.num_samples, int(round(args.num_samples * args.mean_tokens))
+def run_plan(config, *, data: str | Path | None = None, num_samples: int | None = None,
+             mean_tokens: float | None = None, hidden_size: int | None = None, num_layers: int | None = None,
+             precompute_tokens_per_s: float = 50_000.0, train_tokens_per_s: float = 100_000.0,
+             cache: str | None = None, output: str | Path | None = None) -> int:
+    """Print the plan of a cache of the prepared data set ``data`` (or ``num_samples`` of ``mean_tokens``);
+    ``cache``: measure the codec ratio on it; ``output``: warn when the planned cache would not fit there."""
+    if data:
+        num_samples, num_tokens = _dataset_counts(data)
+    elif num_samples and mean_tokens:
+        num_tokens = int(round(num_samples * mean_tokens))
     else:
-        raise UserError("give --dataset DIR, or --num-samples N and --mean-tokens M")
-    if args.hidden_size and args.num_layers:
-        hidden_size, num_layers = args.hidden_size, args.num_layers
-    else:
+        raise UserError("give --data DIR, or --num-samples N and --mean-tokens M")
+    if not (hidden_size and num_layers):
         hidden_size, num_layers = _target_dims(config)
     aux_ids = config.precompute.aux_layer_ids or default_aux_layer_ids(num_layers)
     plan = StoragePlan(num_samples, num_tokens, hidden_size, len(aux_ids), config.precompute.shard_tokens,
                        config.precompute.fp8)
     ratios, measured = dict(NOMINAL_CODEC_RATIOS), None
-    if args.cache:
-        codec, ratios[codec] = measured_codec_ratio(args.cache)
+    if cache:
+        codec, ratios[codec] = measured_codec_ratio(cache)
         measured = codec
 
     lines = [
@@ -126,16 +125,16 @@ def run_plan(config, args) -> int:
         note = " (measured)" if codec == measured else " (nominal)"
         lines.append(
             f"{codec:<12}{ratio:>8.2f}{plan.bytes_on_disk(ratio) / TB:>14,.3f}"
-            f"{plan.rate_bytes_per_s(args.precompute_tokens_per_s, ratio) / GB:>12.3f}"
-            f"{plan.rate_bytes_per_s(args.train_tokens_per_s, ratio) / GB:>12.3f}{note}"
+            f"{plan.rate_bytes_per_s(precompute_tokens_per_s, ratio) / GB:>12.3f}"
+            f"{plan.rate_bytes_per_s(train_tokens_per_s, ratio) / GB:>12.3f}{note}"
         )
-    lines.append(f"write rate at {args.precompute_tokens_per_s:,.0f} tokens/s of precompute, "
-                 f"read rate at {args.train_tokens_per_s:,.0f} tokens/s of training")
+    lines.append(f"write rate at {precompute_tokens_per_s:,.0f} tokens/s of precompute, "
+                 f"read rate at {train_tokens_per_s:,.0f} tokens/s of training")
     print("\n".join(lines))
 
-    if args.output:
+    if output:
         needed = plan.bytes_on_disk(ratios[config.precompute.codec])
-        probe = Path(args.output)
+        probe = Path(output)
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         free = shutil.disk_usage(probe).free

@@ -1,6 +1,6 @@
 """Reading the feature cache (``eaglecache.cache`` v1): ``open_cache`` and the read-only ``FeatureCache``.
 
-The layout and the writer are precompute/store.py; this module only reads:
+The layout is eaglecache/formats/cache.py and the writer precompute/writer.py; this module only reads:
 opening checks the format version and the parts, builds the sample index from
 the part manifests (no array data), and ``read(sample_id)`` reads just the
 bytes of that sample's chunks, straight from the shard files (precompute/shardread.py;
@@ -22,7 +22,6 @@ mid-body (5 tries). tests/test_s3_cache.py trains through a proxy that injects b
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,11 +33,11 @@ import torch
 import zarr
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.store import (
-    CACHE_FILE, PART_FILE, PART_FORMAT, PARTS_DIR, STATE_ARRAYS, VERSION, _consolidated_metadata,
-    _read_cache_json, fingerprint, use_fast_codec_pipeline,
+from eaglecache.formats.cache import (
+    CACHE_FILE, PART_FILES_GLOB, STATE_ARRAYS, fingerprint, is_fp8, missing_parts, parse_part_json, read_cache_json,
 )
 from eaglecache.precompute.bits import bits_to_bf16, dequantize_fp8
+from eaglecache.precompute.shardmeta import consolidated_metadata, use_fast_codec_pipeline
 from eaglecache.precompute.shardread import ShardArrays
 
 
@@ -57,14 +56,12 @@ def read_parts(cache_dir: str | Path) -> list[tuple[Path | str, dict[str, Any]]]
     """(part dir, part.json record) of every part present, in part order; never writes."""
     files = CacheFiles(cache_dir)
     parts = []
-    for part_json in files.glob(f"{PARTS_DIR}/part-*/{PART_FILE}"):
+    for part_json in files.glob(PART_FILES_GLOB):
         try:
-            record = json.loads(files.read_text(part_json) or "")
-        except (OSError, json.JSONDecodeError) as exc:
+            text = files.read_text(part_json)
+        except OSError as exc:
             raise UserError(f"{part_json}: unreadable ({exc.__class__.__name__})") from None
-        if record.get("format") != PART_FORMAT or record.get("version") != VERSION:
-            raise UserError(f"{part_json}: part format {record.get('format')!r} v{record.get('version')!r} "
-                            f"is not supported (this code reads {PART_FORMAT} v{VERSION})")
+        record = parse_part_json(part_json, text)
         part_dir = part_json.parent if isinstance(part_json, Path) else part_json.rsplit("/", 1)[0]
         parts.append((part_dir, record))
     return parts
@@ -134,7 +131,7 @@ class CacheFiles:
         """A shard's Zarr group, read-only, through its consolidated metadata."""
         store = path if isinstance(path, Path) else zarr.storage.FsspecStore.from_url(
             path, read_only=True, storage_options=storage_options(path))
-        with _consolidated_metadata():
+        with consolidated_metadata():
             return zarr.open_group(store, mode="r", use_consolidated=True)
 
 
@@ -156,8 +153,8 @@ class FeatureCache:
         text = self.files.read_text(cache_json)
         if text is None:
             raise UserError(f"{self.path}: no {CACHE_FILE} (not a feature cache, or precompute has not started)")
-        self.metadata: dict[str, Any] = _read_cache_json(cache_json, text)["metadata"]
-        self.fp8 = self.metadata["dtype"] == "fp8_e4m3"
+        self.metadata: dict[str, Any] = read_cache_json(cache_json, text)["metadata"]
+        self.fp8 = is_fp8(self.metadata)
         self.parts = read_parts(self.path)
         self._check_parts(allow_partial)
         self.skipped = [s for _, record in self.parts for s in record["skipped"]]
@@ -189,11 +186,10 @@ class FeatureCache:
             if record["cache_fingerprint"] != want:
                 raise UserError(f"{part_dir}: belongs to a cache with other settings than {self.path}/{CACHE_FILE}")
         num_parts = self.metadata["num_parts"]
-        done = {r["part_index"] for _, r in self.parts if r["complete"] and r["num_parts"] == num_parts}
-        missing = [i for i in range(num_parts) if i not in done]
+        missing = missing_parts(num_parts, (r for _, r in self.parts))
         if missing and not allow_partial:
             raise UserError(f"{self.path}: incomplete cache, parts {missing} of {num_parts} are missing or unfinished "
-                            f"(run precompute --shard-index I --num-shards {num_parts} for them)")
+                            f"(run precompute --part-index I --num-parts {num_parts} for them)")
 
     def __len__(self) -> int:
         return len(self.sample_ids)

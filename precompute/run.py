@@ -1,9 +1,10 @@
 """``eaglecache precompute``: one job writes one part of a feature cache from a prepared data set.
 
-The data set is split deterministically into ``num_shards`` contiguous sample
-ranges of about equal token counts; job ``shard_index`` writes its range into
-``parts/part-IIIII-of-NNNNN`` of the output directory, so a job array (any
-number of nodes) fills one cache that the trainer reads as one. A job that is
+The data set is split deterministically into ``num_parts`` contiguous sample
+ranges of about equal token counts; job ``part_index`` writes its range into its
+part (``parts/part-IIIII-of-NNNNN``, eaglecache/formats/cache.py) of the output
+directory, so a job array (any number of nodes) fills one cache that the trainer
+reads as one. A job that is
 restarted resumes its part: samples already committed are not recomputed.
 
 Faults: the job holds its part's lock (precompute/ownership.py) from before the
@@ -16,7 +17,6 @@ shard needs, and what was committed before stays valid for the rerun.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import shutil
 import time
@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from eaglecache.errors import UserError
+from eaglecache.formats.cache import (
+    FP8_DTYPE, LAYER_CONVENTION, SHARD_GLOB, listed_shards, metadata_bytes_per_token, part_dir, part_name,
+)
 
 log = logging.getLogger(__name__)
-
-LAYER_CONVENTION = "vllm: id k = residual stream after k decoder layers = HF hidden_states[k]"
 
 
 def split_parts(num_tokens: np.ndarray, num_parts: int) -> list[tuple[int, int]]:
@@ -45,7 +46,7 @@ def split_parts(num_tokens: np.ndarray, num_parts: int) -> list[tuple[int, int]]
 
 def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_parts: int,
                    num_samples: int) -> dict[str, Any]:
-    """cache.json's metadata: identical for every job of one cache (see precompute/FORMAT.md)."""
+    """cache.json's metadata (formats.cache.METADATA_KEYS): identical for every job of one cache."""
     import vllm
 
     from eaglecache import target
@@ -74,7 +75,7 @@ def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_p
         "dataset_num_samples": int(num_samples),
         "vllm_version": vllm.__version__,
         "tensor_parallel_size": pc.tensor_parallel_size or config.target.tensor_parallel_size,
-        "dtype": "fp8_e4m3" if pc.fp8 else "bfloat16",
+        "dtype": FP8_DTYPE if pc.fp8 else "bfloat16",
         "compute_dtype": config.target.compute_dtype(),  # what the target computed in; stored bits are the same kind
         "codec": pc.codec,
         "codec_level": pc.codec_level,
@@ -115,42 +116,53 @@ def resolve_layers(config, target_path) -> tuple[list[int], int]:
     return list(aux), num_layers
 
 
-def run_precompute(config, args, llm=None) -> int:
-    """Write this job's part of the cache. ``llm``: an engine from ``build_engine`` to reuse (tests)."""
+def resolve_part(config, part_index: int | None = None, num_parts: int | None = None, *,
+                 index_flag: str = "--part-index", count_flag: str = "--num-parts") -> tuple[int, int]:
+    """(part_index, num_parts) of this job: the given ones, else the config's; refused when out of range
+    (the message names the flags as the user spelled them)."""
+    pc = config.precompute
+    num_parts = pc.num_parts if num_parts is None else num_parts
+    part_index = pc.part_index if part_index is None else part_index
+    if num_parts < 1 or not 0 <= part_index < num_parts:
+        raise UserError(f"{index_flag} {part_index} must be in 0..{num_parts - 1} ({count_flag} {num_parts})")
+    return part_index, num_parts
+
+
+def run_precompute(config, *, data: str | Path, output: str | Path, part_index: int | None = None,
+                   num_parts: int | None = None, limit: int | None = None, llm=None) -> int:
+    """Write part ``part_index`` of ``num_parts`` (default: the config's) of the cache at ``output`` from
+    the prepared data set ``data``, its first ``limit`` samples only when given. ``llm``: an engine
+    from ``build_engine`` to reuse (tests)."""
     from eaglecache.formats.dataset import open_dataset
-    from eaglecache.precompute.engine import build_engine
     from eaglecache.precompute.ownership import PartLock
-    from eaglecache.precompute.store import create_or_check_cache, part_name
+    from eaglecache.precompute.vllm_engine import build_engine
+    from eaglecache.precompute.writer import create_or_check_cache
     from eaglecache.target import resolve_target
 
-    pc = config.precompute
-    num_parts = args.num_shards if args.num_shards is not None else pc.num_shards
-    part_index = args.shard_index if args.shard_index is not None else pc.shard_index
-    if num_parts < 1 or not 0 <= part_index < num_parts:
-        raise UserError(f"--shard-index {part_index} must be in 0..{num_parts - 1} (--num-shards {num_parts})")
-    dataset = open_dataset(args.input)
-    num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    part_index, num_parts = resolve_part(config, part_index, num_parts)
+    dataset = open_dataset(data)
+    num_samples = len(dataset) if limit is None else min(limit, len(dataset))
     if num_samples == 0:
-        raise UserError(f"{args.input}: no samples to precompute")
+        raise UserError(f"{data}: no samples to precompute")
     target_path = resolve_target(config)
     aux_layer_ids, num_layers = resolve_layers(config, target_path)
     metadata = cache_metadata(config, dataset, target_path, aux_layer_ids, num_parts, num_samples)
     num_tokens = dataset.num_tokens_array()[:num_samples]
     name = part_name(part_index, num_parts)
-    part_dir = Path(args.output) / "parts" / name
-    with disk_full_is_user_error(part_dir, shard_bytes(metadata)):
-        create_or_check_cache(args.output, metadata)
-        lock = PartLock(args.output, name).acquire()
-    if pc.fp8:
+    part_path = part_dir(output, part_index, num_parts)
+    with disk_full_is_user_error(part_path, shard_bytes(metadata)):
+        create_or_check_cache(output, metadata)
+        lock = PartLock(output, name).acquire()
+    if config.precompute.fp8:
         log.warning("precompute.fp8 is ON: states are stored LOSSY as FP8 e4m3 with a scale per token and layer; "
                     "training from this cache is NOT bit-equivalent to online training")
     own_engine = llm is None
     try:
-        drop_unlisted_shards(part_dir)
+        drop_unlisted_shards(part_path)
         if own_engine:
             llm = build_engine(config, target_path, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
-        with disk_full_is_user_error(part_dir, shard_bytes(metadata)):
-            return _write_part(llm, config, args, dataset, metadata, num_tokens, part_index, num_parts,
+        with disk_full_is_user_error(part_path, shard_bytes(metadata)):
+            return _write_part(llm, config, output, dataset, metadata, num_tokens, part_index, num_parts,
                                engine_is_ours=own_engine)
     finally:
         if own_engine and llm is not None:
@@ -158,23 +170,22 @@ def run_precompute(config, args, llm=None) -> int:
         lock.release()
 
 
-def _write_part(llm, config, args, dataset, metadata, num_tokens, part_index: int, num_parts: int, *,
+def _write_part(llm, config, output, dataset, metadata, num_tokens, part_index: int, num_parts: int, *,
                 engine_is_ours: bool) -> int:
     from tqdm import tqdm
 
-    from eaglecache.precompute.engine import check_fits, prefill
-    from eaglecache.precompute.store import part_name
+    from eaglecache.precompute.vllm_engine import check_fits, prefill
 
     pc = config.precompute
     start, stop = split_parts(num_tokens, num_parts)[part_index]
     if stop > start:
         check_fits(llm, int(num_tokens[start:stop].max()))
-    opened = _rpc(llm, "eaglecache_open_part", str(args.output), part_index, num_parts, metadata,
+    opened = _rpc(llm, "eaglecache_open_part", str(output), part_index, num_parts, metadata,
                   [start, stop], pc.max_pending_gib << 30)
     name = part_name(part_index, num_parts)
     if opened["complete"]:
         _rpc(llm, "eaglecache_close_part", True)
-        print(f"{name} of {args.output} is already complete; nothing to do")
+        print(f"{name} of {output} is already complete; nothing to do")
         return 0
     committed = set(opened["committed"])
     todo = [s for s in range(start, stop) if s not in committed]
@@ -213,7 +224,7 @@ def _write_part(llm, config, args, dataset, metadata, num_tokens, part_index: in
             except Exception as exc:  # the writer's own failure again, already being raised
                 log.warning("closing %s after the failure: %s", name, str(exc).splitlines()[0][:300])
     elapsed = time.perf_counter() - started
-    _print_summary(name, args.output, summary, elapsed)
+    _print_summary(name, output, summary, elapsed)
     return 0
 
 
@@ -226,9 +237,9 @@ class WriterFailed(RuntimeError):
 
 
 def shard_bytes(metadata: dict) -> int:
-    """Upper bound of one shard on disk: ``shard_tokens`` tokens of uncompressed arrays."""
-    per_token = 4 + 1 + 2 * (len(metadata["aux_layer_ids"]) + 1) * metadata["hidden_size"]
-    return int(metadata["shard_tokens"]) * per_token
+    """Upper bound of one shard on disk: ``shard_tokens`` tokens of uncompressed bf16 arrays (also
+    bounds an FP8 shard, which takes less)."""
+    return int(metadata["shard_tokens"]) * metadata_bytes_per_token(metadata, fp8=False)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -240,44 +251,33 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 
 @contextmanager
-def disk_full_is_user_error(part_dir: Path, needed: int):
+def disk_full_is_user_error(part_path: Path, needed: int):
     """Turn ENOSPC into one line: where, how many bytes one shard needs, what is free, what is kept."""
     try:
         yield
     except UserError:
         raise
     except Exception as exc:
-        where = part_dir if part_dir.exists() else part_dir.parent.parent
+        where = part_path if part_path.exists() else part_path.parent.parent
         free = shutil.disk_usage(where).free
         # the writer's error may reach us only as a dead engine: then less room than a shard tells
         if not (_is_disk_full(exc) or free < needed):
             raise
-        committed = _listed_shards(part_dir) or ()
+        committed = listed_shards(part_path) or ()
         raise UserError(f"disk full writing {where}: a shard needs up to {needed:,} bytes and {free:,} are free "
                         f"there; the {len(committed)} shards committed before are intact; free space and rerun "
                         "the same command to resume") from None
 
 
-def _listed_shards(part_dir: Path) -> set[str] | None:
-    """Names of the shards part.json lists (empty when there is none yet); None when it is unreadable."""
-    path = part_dir / "part.json"
-    if not path.exists():
-        return set()
-    try:
-        return {s["name"] for s in json.loads(path.read_text())["shards"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def drop_unlisted_shards(part_dir: Path) -> None:
+def drop_unlisted_shards(part_path: Path) -> None:
     """Remove shard directories that part.json does not list: a job killed after renaming a shard into
     place but before recording it leaves one, and its name is the next shard's. Call with the lock held."""
-    listed = _listed_shards(part_dir)
+    listed = listed_shards(part_path)
     if listed is None:
         return  # an unreadable manifest: the writer refuses the part, and nothing here is ours to judge
-    for path in sorted(part_dir.glob("shard-*.zarr")):
+    for path in sorted(part_path.glob(SHARD_GLOB)):
         if path.name not in listed:
-            log.warning("%s: removing %s, written by a killed run but never recorded", part_dir, path.name)
+            log.warning("%s: removing %s, written by a killed run but never recorded", part_path, path.name)
             shutil.rmtree(path)
 
 

@@ -1,4 +1,5 @@
-"""A cache shard's Zarr metadata documents: made by zarr once per layout, re-shaped for each shard.
+"""A cache shard's Zarr metadata documents (made by zarr once per layout, re-shaped for each shard), and
+how zarr is set up to write and read shards (its codec pipeline, consolidated metadata).
 
 Why: creating a shard's group, its arrays and the consolidated metadata through zarr's API costs
 about 20 ms of Python per shard (zarr's asyncio machinery), in the vLLM worker whose main thread
@@ -17,6 +18,7 @@ import functools
 import json
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,24 @@ from eaglecache.errors import UserError
 
 GROUP_DOC = "zarr.json"
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}  # c.0.0.0: no nested directories to fsync
+
+
+def use_fast_codec_pipeline() -> bool:
+    """Route zarr's codecs through the Rust ``zarrs`` pipeline when it is installed (3-5x faster here)."""
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return False
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+    return True
+
+
+@contextmanager
+def consolidated_metadata():
+    """One metadata file per shard instead of one per array; zarr warns that this is not in the v3 spec yet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
 
 
 def shard_shape(shape: tuple[int, ...], chunk_tokens: int) -> tuple[int, ...]:
@@ -90,8 +110,7 @@ def _template(layout: tuple, chunk_tokens: int, codec: str, codec_level: int, at
                 compressors=compressors(codec, codec_level, dtype.itemsize) if is_per_token else None,
                 fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
             )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        with consolidated_metadata():
             zarr.consolidate_metadata(tmp)
         root = Path(tmp)
         return json.dumps({str(path.relative_to(root)): json.loads(path.read_text())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from eaglecache.precompute.bits import all_finite
-from eaglecache.precompute.store import PartWriter
+from eaglecache.precompute.writer import PartWriter
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
 """The writer side without vLLM: the sink skips NaN/Inf samples, jobs split the data set by tokens,
 and ``cache info`` / ``cache verify`` report what a cache holds and name damaged shards."""
 
-import argparse
 
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ import torch
 from eaglecache.precompute.run import split_parts
 from eaglecache.precompute.sink import Extracted, StateSink
 from eaglecache.precompute.reader import open_cache
-from eaglecache.precompute.store import PartWriter, create_or_check_cache
-from eaglecache.precompute.tools import run_info, run_verify
+from eaglecache.precompute.writer import PartWriter, create_or_check_cache
+from eaglecache.precompute.cache_tools import run_info, run_verify
 
 A, H = 3, 16
 META = {"aux_layer_ids": [1, 2, 3], "final_layer_id": 4, "num_hidden_layers": 4, "hidden_size": H,
@@ -64,15 +63,14 @@ def test_parts_split_by_tokens_cover_every_sample_once():
 
 def test_info_prints_contents_and_size(tmp_path, capsys):
     _sink_cache(tmp_path)
-    assert run_info(None, argparse.Namespace(cache=str(tmp_path))) == 0
+    assert run_info(tmp_path) == 0
     out = capsys.readouterr().out
     assert "9 samples" in out and "1 skipped" in out and "1 of 1 complete" in out and "bytes/token" in out
 
 
 def test_verify_names_the_damaged_shard_and_repair_requeues_it(tmp_path, capsys):
     _sink_cache(tmp_path, nan_samples=())
-    args = argparse.Namespace(cache=str(tmp_path), repair=False)
-    assert run_verify(None, args) == 0
+    assert run_verify(tmp_path) == 0
     cache = open_cache(tmp_path)
     victim = cache.shard_paths[1]
     shard_file = victim / "aux" / "c.0.0.0"
@@ -80,13 +78,12 @@ def test_verify_names_the_damaged_shard_and_repair_requeues_it(tmp_path, capsys)
     data[len(data) // 3] ^= 0xFF  # one flipped byte inside a compressed chunk
     shard_file.write_bytes(bytes(data))
     capsys.readouterr()
-    assert run_verify(None, args) == 1
+    assert run_verify(tmp_path) == 1
     out = capsys.readouterr().out
     assert f"DAMAGED {victim}" in out and out.count("DAMAGED") == 1
     lost = [int(s) for s in cache.sample_ids if cache._shard_of[cache._find(s)] == 1]
 
-    args.repair = True
-    assert run_verify(None, args) == 1
+    assert run_verify(tmp_path, repair=True) == 1
     with pytest.raises(Exception, match="incomplete cache"):
         open_cache(tmp_path)
     partial = open_cache(tmp_path, allow_partial=True)
@@ -103,15 +100,12 @@ def test_verify_names_shard_data_without_a_manifest_entry_and_repair_removes_it(
     cache = open_cache(tmp_path)
     stray = cache.shard_paths[0].with_name("shard-00099.zarr")  # renamed into place, never recorded
     shutil.copytree(cache.shard_paths[0], stray)
-    args = argparse.Namespace(cache=str(tmp_path), repair=False)
-    assert run_verify(None, args) == 1
+    assert run_verify(tmp_path) == 1
     out = capsys.readouterr().out
     assert f"UNLISTED {stray}" in out and "0 damaged, 1 unlisted" in out
     assert list(open_cache(tmp_path).sample_ids) == list(cache.sample_ids)  # never read as data
-    args.repair = True
-    assert run_verify(None, args) == 1 and not stray.exists()
-    args.repair = False
-    assert run_verify(None, args) == 0
+    assert run_verify(tmp_path, repair=True) == 1 and not stray.exists()
+    assert run_verify(tmp_path) == 0
 
 
 def test_precompute_refuses_a_shard_index_outside_the_job_array(tmp_path, capsys):

@@ -18,7 +18,6 @@ the seed; ``EAGLECACHE_FAULT_REPORT`` names a JSON file the scenario's record is
 written to (benchmarks/bench_faults.py runs this module that way).
 """
 
-import argparse
 import contextlib
 import fcntl
 import io
@@ -191,11 +190,11 @@ def plant_unrecorded_shard(cache: Path) -> str:
 
 
 def verify(cache: Path, repair: bool) -> tuple[int, str]:
-    from eaglecache.precompute.tools import run_verify
+    from eaglecache.precompute.cache_tools import run_verify
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = run_verify(None, argparse.Namespace(cache=str(cache), repair=repair))
+        rc = run_verify(cache, repair=repair)
     return rc, out.getvalue()
 
 

@@ -1,8 +1,6 @@
 """Precompute through vLLM on the tiny target: stored states are transformers' hidden states, token ids
 and masks are the prepared data's, and a job array's parts read as exactly what one job writes."""
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -16,14 +14,9 @@ from eaglecache.precompute.reader import open_cache
 pytestmark = pytest.mark.slow
 
 
-def _args(data, out, shard_index=None, num_shards=None, limit=None):
-    return argparse.Namespace(input=str(data), output=str(out), shard_index=shard_index,
-                              num_shards=num_shards, limit=limit)
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_target, tmp_path_factory):
-    from eaglecache.precompute.engine import build_engine
+    from eaglecache.precompute.vllm_engine import build_engine
     from eaglecache.precompute.run import resolve_layers
     from eaglecache.target import chat_template_hash, target_config, tokenizer_hash
 
@@ -51,7 +44,7 @@ def one_job(setup):
     from eaglecache.precompute.run import run_precompute
 
     config, data, llm, caches = setup
-    assert run_precompute(config, _args(data, caches / "one"), llm=llm) == 0
+    assert run_precompute(config, data=data, output=caches / "one", llm=llm) == 0
     return open_cache(caches / "one")
 
 
@@ -89,7 +82,7 @@ def test_two_jobs_read_as_one_equal_one_job(setup, one_job):
 
     config, data, llm, caches = setup
     for index in (1, 0):  # order does not matter
-        assert run_precompute(config, _args(data, caches / "two", index, 2), llm=llm) == 0
+        assert run_precompute(config, data=data, output=caches / "two", part_index=index, num_parts=2, llm=llm) == 0
     two = open_cache(caches / "two")
     assert len(two.parts) == 2 and all(len(record["shards"]) for _, record in two.parts)
     assert np.array_equal(two.sample_ids, one_job.sample_ids)

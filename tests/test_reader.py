@@ -7,7 +7,7 @@ import zarr
 
 from eaglecache.precompute import shardread
 from eaglecache.precompute.reader import open_cache
-from eaglecache.precompute.store import PartWriter, create_or_check_cache
+from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 
 A, H = 3, 24
 ZARR_OWN_PIPELINE = {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"}

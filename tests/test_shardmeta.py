@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from eaglecache.precompute import store
+from eaglecache.formats import cache as cache_format
+from eaglecache.precompute import writer
 from eaglecache.precompute.shardmeta import CHUNK_KEY_ENCODING, compressors, shard_shape
 
 
@@ -22,7 +23,7 @@ def _arrays(lengths, num_aux=2, hidden=24, seed=0):
 def _zarrs_own(path, stored: dict[str, np.ndarray], *, codec, chunk_tokens, fp8):
     """The same shard written entirely through zarr's API: the reference."""
     group = zarr.open_group(path, mode="w", zarr_format=3,
-                            attributes={"format": store.FORMAT, "version": store.VERSION, "fp8": fp8})
+                            attributes={"format": cache_format.FORMAT, "version": cache_format.VERSION, "fp8": fp8})
     for name, data in stored.items():
         per_token = name not in ("offsets", "sample_ids")
         array = group.create_array(
@@ -44,7 +45,7 @@ def _documents(shard_dir) -> dict[str, dict]:
 @pytest.mark.parametrize("lengths", [[5], [7, 30, 1], [16, 16]])  # a partial last chunk, several samples, exact chunks
 def test_shard_documents_equal_zarrs_and_the_data_reads_back(tmp_path, codec, fp8, lengths):
     arrays = _arrays(lengths)
-    record = store.write_shard(tmp_path / "ours.zarr", arrays, list(range(3, 3 + len(lengths))), lengths,
+    record = writer.write_shard(tmp_path / "ours.zarr", arrays, list(range(3, 3 + len(lengths))), lengths,
                                codec=codec, codec_level=1, chunk_tokens=16, fp8=fp8)
     stored = {name: zarr.open_array(tmp_path / "ours.zarr" / name, mode="r")[...] for name in record["shapes"]}
     _zarrs_own(tmp_path / "theirs.zarr", stored, codec=codec, chunk_tokens=16, fp8=fp8)

@@ -11,7 +11,8 @@ import zarr
 from eaglecache.errors import UserError
 from eaglecache.precompute.bits import checksum
 from eaglecache.precompute.reader import open_cache
-from eaglecache.precompute.store import CACHE_FILE, PartWriter, create_or_check_cache, write_json_atomic
+from eaglecache.formats.cache import CACHE_FILE
+from eaglecache.precompute.writer import PartWriter, create_or_check_cache, write_json_atomic
 
 A, H = 3, 32
 
@@ -187,12 +188,12 @@ def test_a_failed_background_commit_is_raised_and_keeps_the_shards_before_it(tmp
     """Shards are committed by a background thread while the next one fills; its error reaches the caller."""
     import errno
 
-    from eaglecache.precompute import store
+    from eaglecache.precompute import writer as cache_writer
 
     samples = _samples(30, seed=5)
     meta = _metadata(shard_tokens=100)
     create_or_check_cache(tmp_path, meta)
-    real_write_shard, calls = store.write_shard, []
+    real_write_shard, calls = cache_writer.write_shard, []
 
     def write_shard_then_fill_the_disk(path, *args, **kwargs):
         calls.append(path.name)
@@ -200,7 +201,7 @@ def test_a_failed_background_commit_is_raised_and_keeps_the_shards_before_it(tmp
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_write_shard(path, *args, **kwargs)
 
-    monkeypatch.setattr(store, "write_shard", write_shard_then_fill_the_disk)
+    monkeypatch.setattr(cache_writer, "write_shard", write_shard_then_fill_the_disk)
     writer = PartWriter(tmp_path, 0, 1, meta)
     with pytest.raises(OSError, match="No space left"):
         for sid in range(30):

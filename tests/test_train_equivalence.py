@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from eaglecache.config import load_config
 from eaglecache.precompute.reader import Sample, open_cache
-from eaglecache.precompute.store import PartWriter, create_or_check_cache
+from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 from eaglecache.target import target_config, weights_hash
 from eaglecache.train.loader import InMemoryFeatures
 

@@ -7,7 +7,7 @@ import torch
 
 from eaglecache.errors import UserError
 from eaglecache.precompute.reader import Sample, open_cache
-from eaglecache.precompute.store import PartWriter, create_or_check_cache
+from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 from eaglecache.train.loader import InMemoryFeatures, SamplePlan, StreamingLoader
 
 HIDDEN, NUM_AUX = 8, 3

@@ -1,4 +1,4 @@
-"""The feature cache format (``eaglecache.cache`` v1): layout constants, shard writer and part manifest.
+"""The feature cache writer (``eaglecache.cache`` v1, eaglecache/formats/cache.py): shards and part manifests.
 
 A cache is one ``cache.json`` (format, version, metadata) and parts written by
 independent jobs; each part has a ``part.json`` listing the shards it has
@@ -7,7 +7,8 @@ temporary name and renamed into place; only then is it recorded (with
 checksums of every array taken at write time) in ``part.json``, which is
 itself replaced atomically. So a crashed job leaves only a temporary directory
 behind, which the next run of the same part removes, and a shard that is in the
-manifest is complete. The layout is documented in precompute/FORMAT.md.
+manifest is complete. The layout is eaglecache/formats/cache.py, documented in
+docs/formats.md section 2.
 
 Bits are kept exactly: bf16 states are stored as their uint16 bits (zarr has no
 bfloat16). Every array uses zarr's sharding codec with one shard per array
@@ -20,15 +21,12 @@ zarr(s). Reading is precompute/reader.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import threading
 import uuid
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,44 +34,13 @@ import numpy as np
 import zarr
 
 from eaglecache.errors import UserError
+from eaglecache.formats.cache import (
+    CACHE_FILE, FORMAT, PART_FILE, STATE_ARRAYS, VERSION, cache_document, fingerprint, is_fp8, new_part_record,
+    part_dir, read_cache_json, shard_name, shard_number,
+)
 from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
 from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_plain_chunk, write_shard_file
-from eaglecache.precompute.shardmeta import shard_documents, write_documents
-
-FORMAT = "eaglecache.cache"
-PART_FORMAT = "eaglecache.cache.part"
-VERSION = 1
-CACHE_FILE = "cache.json"
-PART_FILE = "part.json"
-PARTS_DIR = "parts"
-STATE_ARRAYS = ("aux", "final")
-
-
-def use_fast_codec_pipeline() -> bool:
-    """Route zarr's codecs through the Rust ``zarrs`` pipeline when it is installed (3-5x faster here)."""
-    try:
-        import zarrs  # noqa: F401
-    except ImportError:
-        return False
-    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
-    return True
-
-
-@contextmanager
-def _consolidated_metadata():
-    """One metadata file per shard instead of one per array; zarr warns that this is not in the v3 spec yet."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        yield
-
-
-def part_name(part_index: int, num_parts: int) -> str:
-    return f"part-{part_index:05d}-of-{num_parts:05d}"
-
-
-def shard_name(shard_index: int) -> str:
-    return f"shard-{shard_index:05d}.zarr"
-
+from eaglecache.precompute.shardmeta import shard_documents, use_fast_codec_pipeline, write_documents
 
 def write_json_atomic(path: Path, obj: Any, compact: bool = False) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
@@ -219,10 +186,10 @@ class PartWriter:
     def __init__(self, cache_dir: str | Path, part_index: int, num_parts: int, metadata: dict[str, Any],
                  sample_range: tuple[int, int] | None = None):
         use_fast_codec_pipeline()
-        self.dir = Path(cache_dir) / PARTS_DIR / part_name(part_index, num_parts)
+        self.dir = part_dir(cache_dir, part_index, num_parts)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata
-        self.fp8 = metadata["dtype"] == "fp8_e4m3"
+        self.fp8 = is_fp8(metadata)
         self.num_aux = len(metadata["aux_layer_ids"])
         self.hidden_size = metadata["hidden_size"]
         for leftover in self.dir.glob("*.tmp-*"):
@@ -233,10 +200,7 @@ class PartWriter:
             if self.record.get("cache_fingerprint") != fingerprint(metadata):
                 raise UserError(f"{self.dir}: written with other settings than {CACHE_FILE}; remove it to redo it")
         else:
-            self.record = {"format": PART_FORMAT, "version": VERSION, "part_index": part_index,
-                           "num_parts": num_parts, "cache_fingerprint": fingerprint(metadata),
-                           "sample_range": list(sample_range) if sample_range else None,
-                           "complete": False, "shards": [], "skipped": []}
+            self.record = new_part_record(part_index, num_parts, metadata, sample_range)
         self.committed = {sid for shard in self.record["shards"] for sid in shard["sample_ids"]}
         self._record_lock = threading.Lock()  # the committer and ``skip`` both change the record
         self._buffers = [ShardBuffer(self.num_aux, self.hidden_size, metadata["shard_tokens"])]
@@ -308,7 +272,7 @@ class PartWriter:
 
     def _commit(self, buffer: ShardBuffer) -> None:
         # after `cache verify --repair` dropped a shard, its name may be reused only once it is gone
-        index = 1 + max((int(s["name"][len("shard-"):-len(".zarr")]) for s in self.record["shards"]), default=-1)
+        index = 1 + max((shard_number(s["name"]) for s in self.record["shards"]), default=-1)
         shard = write_shard(self.dir / shard_name(index), buffer.filled(), buffer.sample_ids, buffer.lengths,
                             codec=self.metadata["codec"], codec_level=self.metadata["codec_level"],
                             chunk_tokens=self.metadata["chunk_tokens"], fp8=self.fp8,
@@ -323,11 +287,6 @@ class PartWriter:
         write_json_atomic(self.dir / PART_FILE, self.record, compact=True)  # long id lists
 
 
-def fingerprint(metadata: dict[str, Any]) -> str:
-    """sha256 of the cache metadata: every part records it, so parts of different caches never mix."""
-    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
-
-
 def create_or_check_cache(cache_dir: str | Path, metadata: dict[str, Any]) -> Path:
     """Write cache.json for a new cache, or check that an existing one was made with the same settings.
 
@@ -338,24 +297,11 @@ def create_or_check_cache(cache_dir: str | Path, metadata: dict[str, Any]) -> Pa
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / CACHE_FILE
     if path.exists():
-        existing = _read_cache_json(path)["metadata"]
+        existing = read_cache_json(path)["metadata"]
         if existing != metadata:
             keys = sorted(k for k in set(existing) | set(metadata) if existing.get(k) != metadata.get(k))
             raise UserError(f"{cache_dir} holds a cache made with other settings (differs in: {', '.join(keys)}); "
                             "use another --output or remove it")
     else:
-        write_json_atomic(path, {"format": FORMAT, "version": VERSION, "metadata": metadata})
+        write_json_atomic(path, cache_document(metadata))
     return path
-
-
-def _read_cache_json(path: Path | str, text: str | None = None) -> dict[str, Any]:
-    """cache.json at ``path`` (or its ``text``, already fetched from a remote store), checked."""
-    try:
-        doc = json.loads(Path(path).read_text() if text is None else text)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable cache.json ({exc.__class__.__name__})") from None
-    if doc.get("format") != FORMAT:
-        raise UserError(f"{path}: not an eaglecache feature cache (format {doc.get('format')!r})")
-    if doc.get("version") != VERSION:
-        raise UserError(f"{path}: cache format version {doc.get('version')!r} is not supported (this code reads v{VERSION})")
-    return doc

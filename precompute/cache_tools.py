@@ -19,24 +19,27 @@ import numpy as np
 
 from eaglecache.errors import UserError
 from eaglecache.precompute.bits import BF16_EXPONENT, checksum
-from eaglecache.precompute.reader import CacheFiles, is_url, open_cache, read_parts
-from eaglecache.precompute.store import (
-    CACHE_FILE, PART_FILE, PARTS_DIR, _read_cache_json, use_fast_codec_pipeline, write_json_atomic,
+from eaglecache.formats.cache import (
+    CACHE_FILE, FORMAT, PART_FILE, SHARD_DOCS_GLOB, STATE_ARRAYS, VERSION, is_fp8, metadata_bytes_per_token,
+    missing_parts, read_cache_json, shard_shapes,
 )
+from eaglecache.precompute.reader import CacheFiles, is_url, open_cache, read_parts
+from eaglecache.precompute.shardmeta import use_fast_codec_pipeline
+from eaglecache.precompute.writer import write_json_atomic
 
 FP8_NAN = 0x7F  # e4m3fn has no Inf; NaN is S.1111.111
 
 
-def run_info(config, args) -> int:
-    cache = open_cache(args.cache, allow_partial=True)
+def run_info(cache_path: str | Path) -> int:
+    """Print what the cache at ``cache_path`` (a directory or a URL) holds; 0."""
+    cache = open_cache(cache_path, allow_partial=True)
     meta = cache.metadata
     parts = cache.parts
     nbytes = sum(s["nbytes"] for _, r in parts for s in r["shards"])
     tokens = cache.total_tokens
-    num_aux = len(meta["aux_layer_ids"])
-    raw_per_token = 5 + 2 * (num_aux + 1) * meta["hidden_size"]
+    raw_per_token = metadata_bytes_per_token(meta, fp8=False)
     done = sum(1 for _, r in parts if r["complete"])
-    print(f"cache      {cache.path} (eaglecache.cache v1)")
+    print(f"cache      {cache.path} ({FORMAT} v{VERSION})")
     print(f"target     {meta['target_path']} (weights {meta['target_weights_hash'][:12]}, "
           f"{meta['num_hidden_layers']} layers, hidden {meta['hidden_size']}, vocab {meta['vocab_size']})")
     print(f"layers     aux {meta['aux_layer_ids']} + final {meta['final_layer_id']} (pre-norm); {meta['layer_convention']}")
@@ -47,7 +50,7 @@ def run_info(config, args) -> int:
           f"tokenizer {meta['tokenizer_hash'][:12]}, chat template {meta['chat_template_hash'][:12]}")
     print(f"made by    vLLM {meta['vllm_version']}, TP {meta['tensor_parallel_size']}")
     print(f"parts      {done} of {meta['num_parts']} complete"
-          + ("" if done == meta["num_parts"] else "  (INCOMPLETE: run the missing --shard-index jobs)"))
+          + ("" if done == meta["num_parts"] else "  (INCOMPLETE: run the missing --part-index jobs)"))
     print(f"contents   {len(cache)} samples, {tokens} tokens, "
           f"{sum(len(r['shards']) for _, r in parts)} shards, {len(cache.skipped)} skipped (NaN/Inf)")
     if tokens:
@@ -58,7 +61,7 @@ def run_info(config, args) -> int:
 
 def _nonfinite(name: str, data: np.ndarray, fp8: bool) -> int:
     if fp8:
-        return int(((data & 0x7F) == FP8_NAN).sum()) if name in ("aux", "final") else int((~np.isfinite(data)).sum())
+        return int(((data & 0x7F) == FP8_NAN).sum()) if name in STATE_ARRAYS else int((~np.isfinite(data)).sum())
     return int(((data & BF16_EXPONENT) == BF16_EXPONENT).sum())
 
 
@@ -71,12 +74,8 @@ def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -
         group = files.open_group(path)
     except Exception as exc:  # damaged metadata: report, do not crash the whole check
         return [f"cannot open ({exc.__class__.__name__}: {exc})"]
-    fp8 = meta["dtype"] == "fp8_e4m3"
-    t, s, a, h = shard["num_tokens"], shard["num_samples"], len(meta["aux_layer_ids"]), meta["hidden_size"]
-    expected = {"input_ids": (t,), "loss_mask": (t,), "aux": (t, a, h), "final": (t, h),
-                "offsets": (s + 1,), "sample_ids": (s,)}
-    if fp8:
-        expected.update(aux_scale=(t, a), final_scale=(t,))
+    fp8 = is_fp8(meta)
+    expected = shard_shapes(shard["num_tokens"], shard["num_samples"], meta)
     problems = []
     for name, shape in expected.items():
         try:
@@ -90,7 +89,7 @@ def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -
         recorded = shard["checksums"].get(name, "crc32c:")
         if (actual := checksum(data, recorded.split(":")[0])) != recorded:
             problems.append(f"{name}: checksum {actual} != {recorded} recorded at write")
-        if name in ("aux", "final", "aux_scale", "final_scale") and (bad := _nonfinite(name, data, fp8)):
+        if (name in STATE_ARRAYS or name.removesuffix("_scale") in STATE_ARRAYS) and (bad := _nonfinite(name, data, fp8)):
             problems.append(f"{name}: {bad} NaN/Inf values")
         if name == "offsets" and not np.array_equal(np.diff(data), shard["sample_num_tokens"]):
             problems.append("offsets disagree with the manifest's token counts")
@@ -99,20 +98,21 @@ def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -
     return problems
 
 
-def run_verify(config, args) -> int:
+def run_verify(cache_path: str | Path, repair: bool = False) -> int:
+    """Check every shard of the cache at ``cache_path``; 1 when one is damaged or unlisted, else 0.
+    ``repair``: drop damaged shards from their manifests so the next precompute recomputes them."""
     from tqdm import tqdm
 
     use_fast_codec_pipeline()
-    files = CacheFiles(args.cache)
+    files = CacheFiles(cache_path)
     root = files.root
-    repair = getattr(args, "repair", False)
     if repair and is_url(root):
         raise UserError(f"{root}: --repair changes manifests in place and works on local caches only; "
                         "verify without it, or repair a local copy")
     text = files.read_text(files.join(root, CACHE_FILE))
     if text is None:
         raise UserError(f"{root}: no {CACHE_FILE} (not a feature cache)")
-    meta = _read_cache_json(files.join(root, CACHE_FILE), text)["metadata"]
+    meta = read_cache_json(files.join(root, CACHE_FILE), text)["metadata"]
     parts = read_parts(root)
     shards = [(part_dir, record, shard) for part_dir, record in parts for shard in record["shards"]]
     damaged: dict[Path | str, list[dict]] = {}
@@ -124,13 +124,12 @@ def run_verify(config, args) -> int:
             tqdm.write(f"DAMAGED {path}: " + "; ".join(problems))
     listed = {str(files.join(part_dir, shard["name"])) for part_dir, _, shard in shards}
     # a killed run renamed it into place but never recorded it
-    present = [str(p)[:-len("/zarr.json")] for p in files.glob(f"{PARTS_DIR}/part-*/shard-*.zarr/zarr.json")]
+    present = [str(p)[:-len("/zarr.json")] for p in files.glob(SHARD_DOCS_GLOB)]
     unlisted = [path for path in present if path not in listed]
     for path in unlisted:
         print(f"UNLISTED {path}: shard data without a manifest entry (not read; the next precompute of "
               "the part removes it, as does --repair)")
-    done = {r["part_index"] for _, r in parts if r["complete"]}
-    missing = [i for i in range(meta["num_parts"]) if i not in done]
+    missing = missing_parts(meta["num_parts"], (r for _, r in parts))
     num_damaged = sum(len(v) for v in damaged.values())
     print(f"{root}: {len(shards)} shards checked, {num_damaged} damaged, {len(unlisted)} unlisted"
           + (f"; parts {missing} missing or unfinished" if missing else ""))
