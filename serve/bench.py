@@ -140,6 +140,7 @@ def benchmark(config, target_dir: Path, drafts: dict[str, Path], prompt_sets: li
         "drafts": {label: {"path": str(path), **_draft_identity(path)} for label, path in drafts.items()},
         "prompt_sets": [{"name": s.name, "source": s.source, "n": len(s.token_ids),
                          "skipped_too_long": s.skipped_too_long, "sha256": s.sha256()} for s in prompt_sets],
+        # the one identity rule (eaglecache/section.py): settings that never change a result are left out
         "config": config.to_dict(), "config_fingerprint": config.fingerprint("target", "serve"),
         "rows": rows,
     }

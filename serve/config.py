@@ -1,6 +1,6 @@
 """Config of the serve stage: speculative decoding settings, the benchmark, the server."""
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 from pydantic import Field
 
@@ -26,3 +26,6 @@ class ServeConfig(Section):
         None, description="Model name the server answers to; null uses the target directory's name."
     )
     demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    # where and for whom `eaglecache serve` listens, and the demo's training data: none changes a benchmark result
+    RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("host", "api_key_env", "served_model_name", "demo")

@@ -160,3 +160,47 @@ def test_one_identity_rule_honours_runtime_only_settings():
     assert run_fingerprint(base) == run_fingerprint(tp)
     assert run_fingerprint(base) != run_fingerprint(load_config(None, ["train.ttt_decay=0.7"]))
     assert base.fingerprint("precompute") != load_config(None, ["precompute.codec=none"]).fingerprint("precompute")
+
+
+def test_null_means_defaults_are_resolved_by_the_config():
+    config = load_config(None, ["data.max_seq_length=300"])
+    assert config.train.max_seq_length is None and config.train_max_seq_length == 300
+    assert load_config(None, ["train.max_seq_length=64"]).train_max_seq_length == 64
+    assert config.precompute_aux_layer_ids(16) == [2, 8, 13]
+    assert load_config(None, ["precompute.aux_layer_ids=[1,3]"]).precompute_aux_layer_ids(16) == [1, 3]
+    assert config.draft_aux_layer_ids([2, 8, 13]) == [2, 8, 13]
+    picked = load_config(None, ["train.draft.aux_layer_ids=[2,13]"])
+    assert picked.draft_aux_layer_ids([2, 8, 13]) == [2, 13]
+    with pytest.raises(UserError, match=re.escape("layers [4] are not in the features") + ".*precompute.aux_layer_ids"):
+        load_config(None, ["train.draft.aux_layer_ids=[2,4]"]).draft_aux_layer_ids([2, 8, 13])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.global_batch_size=5", "train.micro_batch_size=2"], "config section train: global_batch_size 5 is not a "
+                                                                 "multiple of micro_batch_size 2"),
+    (["train.ttt_length=65"], "config key train.ttt_length: Input should be less than or equal to 64"),
+])
+def test_settings_that_cannot_work_are_refused_in_one_line_with_exit_2(overrides, message, capsys):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, overrides)
+    assert main(["train", "--output", "x", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_epochs_and_max_steps_together_stop_at_whichever_ends_first():
+    """Both set is allowed (configs set epochs, tests add max_steps): max_steps caps, it never extends."""
+    from eaglecache.train.loader import SamplePlan
+
+    config = load_config(None, ["train.epochs=1", "train.max_steps=3"])
+    plan = SamplePlan(list(range(40)), [8] * 40, seed=0, global_batch_size=4, micro_batch_size=1, world_size=1)
+    assert plan.total_steps(config.train.epochs, config.train.max_steps) == 3
+    assert plan.total_steps(config.train.epochs, 100) == 10
+
+
+def test_where_the_server_listens_is_not_part_of_a_bench_result():
+    base = load_config(None)
+    moved = load_config(None, ["serve.host=0.0.0.0", "serve.served_model_name=x", "serve.demo.num_conversations=5"])
+    assert base.fingerprint("target", "serve") == moved.fingerprint("target", "serve")
+    assert base.fingerprint("target", "serve") != load_config(None, ["serve.max_new_tokens=7"]).fingerprint(
+        "target", "serve")
