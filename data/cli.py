@@ -1,28 +1,30 @@
-"""``eaglecache data prepare|regenerate|vocab``: the data stage's commands."""
+"""``eaglecache data prepare|regenerate|vocab``: the data stage's commands. Only this module sees the parsed
+arguments; it calls the typed stage functions."""
 
 from eaglecache import outputs
 from eaglecache.cli import add_command
+from eaglecache.flags import add_flag
 
 
 def _prepare(config, args):
     from eaglecache.data.prepare import run_prepare
 
     outputs.claim_output(args.output, args.overwrite, "data prepare", outputs.prepared_dataset)
-    return run_prepare(config, args)
+    return run_prepare(config, inputs=args.input, output=args.output)
 
 
 def _regenerate(config, args):
     from eaglecache.data.regenerate import run_regenerate
 
     outputs.claim_output(args.output, args.overwrite, "data regenerate", outputs.regenerated_file, kind="file")
-    return run_regenerate(config, args)
+    return run_regenerate(config, conversations=args.input, output=args.output, limit=args.limit)
 
 
 def _vocab(config, args):
     from eaglecache.data.vocab import run_vocab
 
     outputs.claim_output(args.output, args.overwrite, "data vocab", outputs.vocab_file, kind="file")
-    return run_vocab(config, args)
+    return run_vocab(config, data=args.data, output=args.output)
 
 
 def register(subparsers) -> None:
@@ -42,6 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="Regenerate only the first N conversations.")
     p = add_command(sub, "vocab", _vocab,
                     "Build the reduced draft vocabulary (d2t/t2d) from loss-masked token frequencies.")
-    p.add_argument("--input", required=True, metavar="DIR", help="Prepared Parquet dataset.")
+    add_flag(p, "--data", aliases=("--input",), required=True, metavar="DIR",
+             help="Prepared data set (eaglecache data prepare).")
     p.add_argument("--output", required=True, metavar="PATH", help="Vocab mapping file (.safetensors) to write.")
     outputs.add_overwrite_flag(p)

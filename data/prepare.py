@@ -150,12 +150,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_prepare(config, args) -> int:
+def run_prepare(config, *, inputs: list[str | Path], output: str | Path) -> int:
+    """Prepare the conversation files ``inputs`` into a data set at ``output`` for the configured target."""
     from eaglecache.target import resolve_target
 
     target_path = resolve_target(config)
-    meta = prepare_dataset(args.input, args.output, config.data, target_path)
-    print(f"prepared {args.output}: {meta['num_samples']:,} samples, {meta['num_tokens']:,} tokens, "
+    meta = prepare_dataset(inputs, output, config.data, target_path)
+    print(f"prepared {output}: {meta['num_samples']:,} samples, {meta['num_tokens']:,} tokens, "
           f"{meta['num_loss_tokens']:,} loss-masked (mask: {meta['loss_mask_method']})")
     print(format_report(meta["report"]))
     return 0

@@ -248,10 +248,12 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_regenerate(config, args) -> int:
+def run_regenerate(config, *, conversations: str | Path, output: str | Path, limit: int | None = None) -> int:
+    """Write ``conversations`` with every assistant turn answered by the target to ``output`` (the first
+    ``limit`` conversations only when given)."""
     from eaglecache.target import resolve_target
 
-    report = regenerate_file(args.input, args.output, config, resolve_target(config), limit=args.limit)
-    print(f"wrote {args.output}")
+    report = regenerate_file(conversations, output, config, resolve_target(config), limit=limit)
+    print(f"wrote {output}")
     print(format_report(report))
     return 0

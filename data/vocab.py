@@ -84,17 +84,18 @@ def build_vocab(dataset_dir: str | Path, output: str | Path, draft_vocab_size: i
     return metadata
 
 
-def run_vocab(config, args) -> int:
+def run_vocab(config, *, data: str | Path, output: str | Path) -> int:
+    """Build the draft vocab mapping of the prepared data set ``data`` into ``output`` (none for the full vocab)."""
     from eaglecache.target import resolve_target
 
     size = config.data.draft_vocab_size
-    meta = build_vocab(args.input, args.output, size, resolve_target(config))
+    meta = build_vocab(data, output, size, resolve_target(config))
     if meta is None:
         print("data.draft_vocab_size is null (full target vocab, LM head shared with the target): "
               "no vocab mapping is needed; nothing written")
         return 0
     share = meta["loss_tokens_covered"] / max(meta["loss_tokens"], 1)
-    print(f"wrote {args.output}: draft vocab {meta['draft_vocab_size']:,} of {meta['vocab_size']:,} target tokens "
+    print(f"wrote {output}: draft vocab {meta['draft_vocab_size']:,} of {meta['vocab_size']:,} target tokens "
           f"covers {share:.2%} of {meta['loss_tokens']:,} loss-masked tokens "
           f"({meta['distinct_loss_tokens']:,} distinct seen)")
     return 0

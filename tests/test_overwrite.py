@@ -23,11 +23,11 @@ MISSING = "/nonexistent/eaglecache-input"
 COMMANDS = {
     "data prepare": (["--input", MISSING], "dir"),
     "data regenerate": (["--input", MISSING], "file"),
-    "data vocab": (["--input", MISSING], "file"),
-    "precompute": (["--input", MISSING], "dir"),
+    "data vocab": (["--data", MISSING], "file"),
+    "precompute": (["--data", MISSING], "dir"),
     "train": (["--cache", MISSING], "dir"),
     "ablate": (["--cache", MISSING, "--grid", "train.lr=[1e-4]"], "dir"),
-    "export": (["--checkpoint", MISSING], "dir"),
+    "export": (["--run-dir", MISSING], "dir"),
     "bench": (["--draft", MISSING, "--prompts", "humaneval"], "dir"),
     "demo": (["train.launcher.num_nodes=2"], "dir"),
 }
