@@ -42,7 +42,7 @@ def eaglecache_command(argv: list[str]):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_job_script_dry_run_prints_a_valid_command(script, tmp_path):
-    argv = dry_run(script, tmp_path, SLURM_ARRAY_TASK_ID="5", NUM_SHARDS="16")
+    argv = dry_run(script, tmp_path, SLURM_ARRAY_TASK_ID="5", NUM_PARTS="16")
     if script.name == "train.sbatch":
         assert argv[argv.index("-c") - 1] == "bash" and "eaglecache.train.main" in argv[argv.index("-c") + 1]
         args = parse_train_args(argv[argv.index("-c") + 3:])  # after the node command and its $0
@@ -52,7 +52,7 @@ def test_job_script_dry_run_prints_a_valid_command(script, tmp_path):
         return
     args, config = eaglecache_command(argv)
     if args.command == "precompute":
-        assert (args.shard_index, args.num_shards) == (5, 16)
+        assert (args.part_index, args.num_parts) == (5, 16)
         assert config.target.tensor_parallel_size == 4
     if args.command == "train":
         assert config.train.launcher.num_nodes == 4 and config.train.launcher.hostfile

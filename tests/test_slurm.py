@@ -20,8 +20,9 @@ import pytest
 
 from test_faults_precompute import compare
 from test_train_equivalence import TINY_RUN, fp32_weights, losses
+from eaglecache.formats.cache import PART_FILE, part_dir
 from eaglecache.precompute.reader import open_cache
-from eaglecache.train.checkpoint import committed_steps
+from eaglecache.formats.run import committed_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 REPO = Path(__file__).resolve().parent.parent
@@ -97,14 +98,14 @@ def kill_and_requeue(job: str, task: str, logs: Path) -> None:
 
 def part_record(cache: Path, index: int, num_parts: int) -> dict:
     try:
-        return json.loads((cache / "parts" / f"part-{index:05d}-of-{num_parts:05d}" / "part.json").read_text())
+        return json.loads((part_dir(cache, index, num_parts) / PART_FILE).read_text())
     except (OSError, ValueError):
         return {"complete": False, "shards": []}
 
 
 def shard_stats(cache: Path, index: int, num_parts: int, names) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of each named shard's directory and arrays: a rewritten shard changes them."""
-    part = cache / "parts" / f"part-{index:05d}-of-{num_parts:05d}"
+    part = part_dir(cache, index, num_parts)
     stats = {}
     for name in names:
         for path in [part / name, *sorted((part / name).rglob("*"))]:
@@ -122,7 +123,7 @@ def free_port() -> int:
 def test_precompute_array_killed_and_requeued_equals_one_job(slurm, tiny_target, tiny_dataset, tiny_cache, tmp_path):
     """2 array tasks at once; task 1 SIGKILLed between two commits and requeued; the cache equals one job's."""
     cache = tmp_path / "cache"
-    env = job_env(DATA=tiny_dataset, CACHE=cache, NUM_SHARDS=2)
+    env = job_env(DATA=tiny_dataset, CACHE=cache, NUM_PARTS=2)
     # the script asks for 4 GPUs, 32 cores and 400 GB per task: sbatch's options replace its #SBATCH lines
     job = sbatch(JOBS / "precompute.sbatch", ["--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1", "--mem=4G",
                                               "--time=20"],
