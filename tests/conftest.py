@@ -1,4 +1,6 @@
-"""Shared fixtures: the embedded tiny target (built once per cache key) and the default config."""
+"""Shared fixtures (the embedded tiny target, built once per cache key; the default config; a data set and
+its cache; one torch.distributed rank) and the helpers several test files use (random features, a
+cache written by precompute's own writer): ``from conftest import ...``."""
 
 import os
 
@@ -91,3 +93,38 @@ def single_rank():
         torch.distributed.destroy_process_group()
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def random_feature_samples(num, *, hidden, vocab, num_aux=3, seed=0, min_len=5, max_len=30, final_scale=1.0):
+    """``num`` samples of random token ids, loss masks and bf16 states of width ``hidden`` (ids 0..num-1)."""
+    import numpy as np
+    import torch
+
+    from eaglecache.precompute.reader import Sample
+
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for sid in range(num):
+        n = int(torch.randint(min_len, max_len, (1,), generator=gen))
+        samples.append(Sample(
+            input_ids=torch.randint(0, vocab, (n,), generator=gen).numpy().astype(np.int32),
+            loss_mask=(torch.rand(n, generator=gen) < 0.8).numpy().astype(np.uint8),
+            aux=torch.randn(n, num_aux, hidden, generator=gen).to(torch.bfloat16),
+            final=(final_scale * torch.randn(n, hidden, generator=gen)).to(torch.bfloat16), sample_id=sid))
+    return samples
+
+
+def write_cache_parts(path, samples, meta):
+    """A real Zarr cache at ``path`` (precompute's writer) holding ``samples``, split evenly over
+    ``meta["num_parts"]`` parts."""
+    from eaglecache.precompute.writer import PartWriter, create_or_check_cache
+
+    num_parts = meta["num_parts"]
+    create_or_check_cache(path, meta)
+    per_part = -(-len(samples) // num_parts)
+    for part in range(num_parts):
+        writer = PartWriter(path, part, num_parts, meta)
+        for s in samples[part * per_part:(part + 1) * per_part]:
+            writer.add(s.sample_id, s.input_ids, s.loss_mask, s.aux, s.final)
+        writer.close()
+    return path

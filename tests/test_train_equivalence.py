@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import random_feature_samples, write_cache_parts
 from eaglecache.config import load_config
-from eaglecache.precompute.reader import Sample, open_cache
-from eaglecache.precompute.writer import PartWriter, create_or_check_cache
+from eaglecache.precompute.reader import open_cache
 from eaglecache.target import target_config, weights_hash
 from eaglecache.train.loader import InMemoryFeatures
 
@@ -32,17 +32,8 @@ EXPECTED_TENSORS = {
 def feature_samples(target_dir, num=12, seed=0, min_len=12, max_len=40):
     """Random features of the target's width (the trainer only needs their shapes to be right)."""
     cfg = target_config(target_dir)
-    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for sid in range(num):
-        n = int(torch.randint(min_len, max_len, (1,), generator=gen))
-        samples.append(Sample(
-            input_ids=torch.randint(0, vocab, (n,), generator=gen).numpy().astype(np.int32),
-            loss_mask=(torch.rand(n, generator=gen) < 0.8).numpy().astype(np.uint8),
-            aux=torch.randn(n, 3, hidden, generator=gen).to(torch.bfloat16),
-            final=(3 * torch.randn(n, hidden, generator=gen)).to(torch.bfloat16), sample_id=sid))
-    return samples
+    return random_feature_samples(num, hidden=cfg["hidden_size"], vocab=cfg["vocab_size"], seed=seed,
+                                  min_len=min_len, max_len=max_len, final_scale=3)
 
 
 def write_feature_cache(path, samples, target_dir, num_parts=2):
@@ -52,14 +43,7 @@ def write_feature_cache(path, samples, target_dir, num_parts=2):
             "target_weights_hash": weights_hash(target_dir), "dataset_hash": "random-features",
             "dtype": "bfloat16", "codec": "zstd", "codec_level": 1, "chunk_tokens": 16, "shard_tokens": 100,
             "num_parts": num_parts}
-    create_or_check_cache(path, meta)
-    per_part = -(-len(samples) // num_parts)
-    for part in range(num_parts):
-        writer = PartWriter(path, part, num_parts, meta)
-        for s in samples[part * per_part:(part + 1) * per_part]:
-            writer.add(s.sample_id, s.input_ids, s.loss_mask, s.aux, s.final)
-        writer.close()
-    return path
+    return write_cache_parts(path, samples, meta)
 
 
 TINY_RUN = ["train.dtype=float32", "train.global_batch_size=2", "train.micro_batch_size=1",

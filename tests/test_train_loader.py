@@ -5,25 +5,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_feature_samples, write_cache_parts
 from eaglecache.errors import UserError
-from eaglecache.precompute.reader import Sample, open_cache
-from eaglecache.precompute.writer import PartWriter, create_or_check_cache
+from eaglecache.precompute.reader import open_cache
 from eaglecache.train.loader import InMemoryFeatures, SamplePlan, StreamingLoader
 
 HIDDEN, NUM_AUX = 8, 3
 
 
 def random_samples(num=24, seed=0, min_len=5, max_len=30):
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for sid in range(num):
-        n = int(torch.randint(min_len, max_len, (1,), generator=gen))
-        samples.append(Sample(
-            input_ids=torch.randint(0, 100, (n,), generator=gen).numpy().astype(np.int32),
-            loss_mask=(torch.rand(n, generator=gen) < 0.8).numpy().astype(np.uint8),
-            aux=torch.randn(n, NUM_AUX, HIDDEN, generator=gen).to(torch.bfloat16),
-            final=torch.randn(n, HIDDEN, generator=gen).to(torch.bfloat16), sample_id=sid))
-    return samples
+    return random_feature_samples(num, hidden=HIDDEN, vocab=100, num_aux=NUM_AUX, seed=seed, min_len=min_len,
+                                  max_len=max_len)
 
 
 METADATA = {"aux_layer_ids": [2, 4, 5], "hidden_size": HIDDEN, "vocab_size": 100}
@@ -33,14 +25,7 @@ def write_cache(path, samples, num_parts=2):
     """A real Zarr cache (precompute's writer) holding ``samples``, split over parts and shards."""
     meta = dict(METADATA, dtype="bfloat16", codec="zstd", codec_level=1, chunk_tokens=16, shard_tokens=60,
                 num_parts=num_parts)
-    create_or_check_cache(path, meta)
-    per_part = -(-len(samples) // num_parts)
-    for part in range(num_parts):
-        writer = PartWriter(path, part, num_parts, meta)
-        for s in samples[part * per_part:(part + 1) * per_part]:
-            writer.add(s.sample_id, s.input_ids, s.loss_mask, s.aux, s.final)
-        writer.close()
-    return open_cache(path)
+    return open_cache(write_cache_parts(path, samples, meta))
 
 
 def make_plan(source, world_size=1, global_batch=4, micro_batch=1, seed=3):

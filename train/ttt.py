@@ -26,6 +26,7 @@ The loss itself (the LM head and its chunked soft cross-entropy) is train/loss.p
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
