@@ -75,8 +75,8 @@ def prepare_data(root: Path, target: Path, num_samples: int, max_seq_length: int
     return data
 
 
-def to_speculators_dataset(data: Path, out: Path) -> int:
-    """Our prepared samples' input_ids and loss_mask as a ``datasets`` directory; returns the token count."""
+def to_speculators_dataset(data: Path, out: Path) -> tuple[int, int]:
+    """Our prepared samples' input_ids and loss_mask as a ``datasets`` directory; returns (samples, tokens)."""
     import datasets
 
     from eaglecache.formats.dataset import open_dataset
@@ -86,7 +86,7 @@ def to_speculators_dataset(data: Path, out: Path) -> int:
                                           "loss_mask": [s["loss_mask"].astype("int64").tolist() for s in samples]})
     dataset.set_format(type="torch")  # as its prepare-data saves it
     dataset.save_to_disk(str(out))
-    return sum(len(s["input_ids"]) for s in samples)
+    return len(samples), sum(len(s["input_ids"]) for s in samples)
 
 
 def _disk(path: Path, pattern: str = "*") -> tuple[int, int]:
@@ -202,15 +202,16 @@ def run_speculators(hf_data: Path, target: Path, work: Path, layer_ids: list[int
             "bytes_per_token": nbytes / tokens, "files_per_1000": files * 1000 / num_samples, "files": files}
 
 
-def bench_generation(work: Path, num_samples: int, max_seq_length: int = 512) -> tuple[list[dict], dict]:
-    """Rows of (1), alternating ours and the peer's so a change in the machine's load hits both."""
+def bench_generation(work: Path, num_records: int, max_seq_length: int = 512) -> tuple[list[dict], dict]:
+    """Rows of (1), alternating ours and the peer's so a change in the machine's load hits both.
+    ``data prepare`` drops some of the ``num_records`` conversations (no assistant token left, duplicates)."""
     from eaglecache.config import load_config
     from eaglecache.target import default_aux_layer_ids, target_layer_count
     from eaglecache.tiny_target.build import ensure_tiny_target
 
     target = ensure_tiny_target()
-    data = prepare_data(work / "prepared", target, num_samples, max_seq_length)
-    tokens = to_speculators_dataset(data, work / "speculators-data")
+    data = prepare_data(work / "prepared", target, num_records, max_seq_length)
+    num_samples, tokens = to_speculators_dataset(data, work / "speculators-data")
     num_layers = target_layer_count(target)
     aux = list(default_aux_layer_ids(num_layers))
     dtype = load_config(None).target.compute_dtype()

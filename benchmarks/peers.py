@@ -3,6 +3,10 @@
 Every row is measured in the same process run on the same data, so only ratios within one table
 mean anything (the machine may be shared):
 
+  (1) feature generation: ``eaglecache precompute`` vs speculators' ``generate-offline-data``
+      against a vLLM OpenAI server with the peer's hidden-state connector, lossless and FP8, on the
+      tiny target and the same prepared ShareGPT samples: tokens/s, bytes per token on disk, files
+      per 1,000 samples (benchmarks/peer_generation.py).
   (2) reading features for training: our cache (``FeatureCache.read``) vs speculators' one
       safetensors file per sample vs SpecForge's one ``torch.save`` file per sample (both written
       here from the same states, in the peers' layouts) vs a plain sequential read of our cache's
@@ -13,13 +17,13 @@ mean anything (the machine may be shared):
       SpecForge's ``OnlineEagle3Model`` and speculators' ``Eagle3DraftModel`` (sdpa), tokens/s and
       MFU against a matmul peak measured in the same run (benchmarks/peer_adapters.py).
 
-Rows (1) feature generation and (4) FP8 accept length are not measured here (listed as missing).
+Row (4), FP8 against bf16 accept length, is not measured here (listed as missing).
 The peers install with ``pip install --no-deps speculators==0.9.0 hs-connectors==0.9.0
 specforge==0.2.0 && pip install datasets`` (the ``peers`` extra); a peer that is missing is a
 row that says so.
 
     python benchmarks/peers.py                        # demo-sized read set, full-size train step
-    python benchmarks/peers.py --samples 64 --train-seq 128 --train-hidden 64 --train-steps 1
+    python benchmarks/peers.py --samples 64 --gen-samples 16 --train-seq 128 --train-hidden 64 --train-steps 1
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_adapters  # noqa: E402  (benchmarks/ is not a package)
+import peer_generation  # noqa: E402
 
 A = 3  # aux layers stored
 PREFETCH_AHEAD = 8  # samples hinted ahead of the one being read, in the "+ prefetch" rows
@@ -241,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the read set (the demo target's)")
     parser.add_argument("--ours", default="zstd:1024,zstd:64,none:1024",
                         help="our cache variants as codec:chunk_tokens, comma-separated (the first is the default's)")
+    parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--gen-samples", type=int, default=128,
+                        help="ShareGPT conversations given to data prepare for row (1) (it drops some)")
+    parser.add_argument("--gen-max-seq", type=int, default=512, help="data.max_seq_length of row (1)'s samples")
     parser.add_argument("--skip-reads", action="store_true")
     parser.add_argument("--warm-only", action="store_true", help="no cold passes (leaves the page cache alone)")
     parser.add_argument("--cold-only", action="store_true", help="no warm passes")
@@ -254,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the read set is written (default: a temp dir)")
     args = parser.parse_args(argv)
     print(machine_line())
+    if not args.skip_generation:
+        with tempfile.TemporaryDirectory(prefix="bench-peers-gen-", dir=args.workdir) as tmp:
+            peer_generation.print_generation_table(peer_generation.bench_generation(
+                Path(tmp), args.gen_samples, args.gen_max_seq))
     if not args.skip_reads:
         with tempfile.TemporaryDirectory(prefix="bench-peers-", dir=args.workdir) as tmp:
             variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.ours.split(",")]
@@ -273,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         peer_adapters.print_train_table(peer_adapters.bench_train(
             steps=args.train_steps, seq=args.train_seq, hidden=args.train_hidden, dtypes=args.train_dtypes))
-    print("not measured here: (1) feature generation vs speculators' vllm serve path, (4) FP8 vs bf16 accept length")
+    print("not measured here: (4) FP8 vs bf16 features, the trained drafts' accept length in vLLM")
     return 0
 
 
