@@ -34,6 +34,23 @@ def results_table(rows: Sequence[Mapping[str, Any]], num_speculative_tokens: int
     return "\n".join(lines) + "\n"
 
 
+FAMILY_NOTES = {
+    "EAGLE3": "one decoder layer over the target's aux states, drafting one token per forward",
+    "EAGLE 3.1": "EAGLE3 with the aux states normalized before fc and the post-norm state carried between steps",
+    "P-EAGLE": "parallel drafting: every token after the first is drafted in the same forward, from a learned "
+               "mask state",
+}
+
+
+def family_name(config: Mapping[str, Any]) -> str:
+    """The family of an exported LlamaForCausalLMEagle3 config, by the keys vLLM reads."""
+    if config.get("mask_token_id") is not None:
+        return "P-EAGLE"
+    if config.get("norm_output") or config.get("norm_before_fc") or config.get("fc_norm"):
+        return "EAGLE 3.1"
+    return "EAGLE3"
+
+
 def render_model_card(config: Mapping[str, Any], provenance: Mapping[str, Any],
                       training: Mapping[str, Any] | None, results: Mapping[str, Any] | None) -> str:
     """README.md of an exported draft: what it is, how to load it, how it was trained, how it did."""
@@ -42,14 +59,18 @@ def render_model_card(config: Mapping[str, Any], provenance: Mapping[str, Any],
                   if config["draft_vocab_size"] == config["vocab_size"]
                   else f"reduced draft vocabulary of {config['draft_vocab_size']} (d2t/t2d included); "
                        "embedding shared with the target")
-    spec = json.dumps({"method": "eagle3", "model": "<this directory>", "num_speculative_tokens": 3})
+    family = family_name(config)
+    spec = {"method": "eagle3", "model": "<this directory>", "num_speculative_tokens": 3}
+    if config.get("mask_token_id") is not None:
+        spec["parallel_drafting"] = True
     parts = [
-        "# EAGLE3 draft (eaglecache)\n",
+        f"# {family} draft (eaglecache)\n",
+        f"Family: {family} ({FAMILY_NOTES[family]}). "
         f"A one-layer `LlamaForCausalLMEagle3` draft for the target `{provenance.get('target_path')}` "
         f"(hidden {config['target_hidden_size']}, vocab {config['vocab_size']}), fed by the target's layers "
         f"{aux} ({vocab_note}). Source: {provenance.get('source')}.\n",
         "## Use with vLLM\n",
-        f"```bash\nvllm serve <target> --speculative-config '{spec}'\n```\n",
+        f"```bash\nvllm serve <target> --speculative-config '{json.dumps(spec)}'\n```\n",
         "## Architecture\n",
         "| key | value |\n|---|---|\n" + "".join(
             f"| {k} | {config.get(k)} |\n" for k in

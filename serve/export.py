@@ -28,9 +28,11 @@ from safetensors.torch import save_file
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
 from eaglecache.formats.draft import (ARCHITECTURE, CONFIG_JSON, D2T, EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, FC,
-                                      LM_HEAD, MODEL_CARD, OUTPUT_NORM, REQUIRED_TENSORS, ROPE_KEYS,
-                                      SHARED_WITH_TARGET, T2D, WEIGHTS, DraftArch, initial_tensors)
+                                      FC_NORM, INPUT_NORM, LM_HEAD, MASK_HIDDEN, MODEL_CARD, OUTPUT_NORM,
+                                      REQUIRED_TENSORS, ROPE_KEYS, SHARED_WITH_TARGET, T2D, WEIGHTS, DraftArch,
+                                      initial_tensors)
 from eaglecache.serve.card import render_model_card
+from eaglecache.serve.vllm_engine import speculative_config
 from eaglecache.target import default_aux_layer_ids, file_sha256, read_head_tensors, target_config
 
 log = logging.getLogger(__name__)
@@ -39,12 +41,17 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- target reading
 def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None = None,
-                       draft_vocab_size: int | None = None) -> dict[str, Any]:
-    """The draft.json-style architecture of a one-layer draft with the target's own dimensions
-    (the text model's config of a VL target), as training writes it."""
+                       draft_vocab_size: int | None = None, family: str = "eagle3") -> dict[str, Any]:
+    """The draft.json-style architecture of a one-layer draft of ``family`` with the target's own
+    dimensions (the text model's config of a VL target), as training writes it."""
+    from dataclasses import replace
+
+    from eaglecache.formats.draft import default_mask_token_id, family_arch
+
     t = target_config(target_dir)
     aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(t["num_hidden_layers"]))
-    return DraftArch.from_target(t, aux_layer_ids, draft_vocab_size).to_json()
+    arch = DraftArch.from_target(t, aux_layer_ids, draft_vocab_size)
+    return replace(arch, **family_arch(family, mask_token_id=default_mask_token_id(t))).to_json()
 
 
 # ---------------------------------------------------------------- the vLLM config
@@ -87,7 +94,37 @@ def vllm_draft_config(arch: Mapping[str, Any], max_model_len: int | None = None)
         "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": aux_ids},
     }
     config.update({k: arch[k] for k in ROPE_KEYS if arch.get(k) is not None})
+    config.update(family_config(arch))
     return config
+
+
+def family_config(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """The config.json keys by which vLLM 0.32's LlamaForCausalLMEagle3 tells the families apart:
+    ``norm_before_fc`` (one RMSNorm over the aux concat, ``input_norm.weight``) or ``fc_norm`` (one per aux
+    state) and ``norm_output`` (the next step reads the post-norm state) for EAGLE 3.1; ``mask_token_id`` (and
+    the ``mask_hidden`` tensor) for P-EAGLE, which vLLM serves with ``parallel_drafting``."""
+    out: dict[str, Any] = {}
+    if arch.get("aux_norm") == "joint":
+        out["norm_before_fc"] = True
+    elif arch.get("aux_norm") == "per_layer":
+        out["fc_norm"] = True
+    if arch.get("norm_output"):
+        out["norm_output"] = True
+    if arch.get("mask_token_id") is not None:
+        out["mask_token_id"] = int(arch["mask_token_id"])
+    return out
+
+
+def family_tensors(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tensors a family adds to REQUIRED_TENSORS, read from the vLLM config."""
+    names: tuple[str, ...] = ()
+    if config.get("norm_before_fc") or (config.get("eagle_config") or {}).get("norm_before_fc"):
+        names += (INPUT_NORM,)
+    if config.get("fc_norm"):
+        names += tuple(FC_NORM.format(i) for i in range(len(config["eagle_aux_hidden_state_layer_ids"])))
+    if config.get("mask_token_id") is not None:
+        names += (MASK_HIDDEN,)
+    return names
 
 
 # ---------------------------------------------------------------- tensors
@@ -95,14 +132,15 @@ def select_draft_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[st
                          target_norm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The tensors vLLM should load, in bf16 (d2t int64, t2d bool), checked against the config."""
     names = {name.removeprefix("model."): t for name, t in tensors.items()}
-    missing = [n for n in REQUIRED_TENSORS if n not in names]
+    required = REQUIRED_TENSORS + family_tensors(config)
+    missing = [n for n in required if n not in names]
     if missing:
         raise UserError(f"draft weights lack {', '.join(missing)}")
     hidden, vocab, draft_vocab = config["hidden_size"], config["vocab_size"], config["draft_vocab_size"]
     aux_width = config["target_hidden_size"] * len(config["eagle_aux_hidden_state_layer_ids"])
     if tuple(names[FC].shape) != (hidden, aux_width):
         raise UserError(f"fc.weight has shape {tuple(names['fc.weight'].shape)}, expected {(hidden, aux_width)}")
-    out = {n: names[n].to(torch.bfloat16).contiguous() for n in REQUIRED_TENSORS}
+    out = {n: names[n].to(torch.bfloat16).contiguous() for n in required}
     norm = names.get(OUTPUT_NORM, target_norm)
     if norm is None:
         raise UserError("draft weights lack norm.weight and no target norm was given")
@@ -236,9 +274,9 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
 
 def build_untrained_draft(target_dir: str | Path, output: str | Path, seed: int = 0,
                           aux_layer_ids: list[int] | None = None, max_model_len: int | None = None,
-                          draft_vocab_size: int | None = None) -> Path:
-    """A randomly initialised one-layer draft for `target_dir`, exported like a trained one."""
-    arch = draft_architecture(target_dir, aux_layer_ids, draft_vocab_size)
+                          draft_vocab_size: int | None = None, family: str = "eagle3") -> Path:
+    """A randomly initialised one-layer draft of ``family`` for `target_dir`, exported like a trained one."""
+    arch = draft_architecture(target_dir, aux_layer_ids, draft_vocab_size, family)
     config = vllm_draft_config(arch, max_model_len)
     tensors = select_draft_tensors(random_draft_tensors(arch, seed), config)
     provenance = {"source": "untrained (random init)", "seed": seed, "target_path": str(Path(target_dir).resolve()),
@@ -267,7 +305,7 @@ def export(config, *, run_dir: str | Path, output: str | Path, overwrite: bool =
     output = export_run(run_dir, output, target_dir, config.target.weights_prefix, config.target.max_model_len)
     exported = json.loads((output / EXPORT_JSON).read_text())
     size_mib = (output / WEIGHTS).stat().st_size / 2**20
-    spec = {"method": "eagle3", "model": str(output), "num_speculative_tokens": config.serve.num_speculative_tokens}
+    spec = speculative_config(config, output)
     print(f"exported {run_dir} -> {output} ({exported['num_parameters']:,} parameters, {size_mib:.1f} MiB bf16)")
     print(f"load it with --speculative-config '{json.dumps(spec)}'")
     return output

@@ -24,8 +24,14 @@ def serving_max_model_len(config, target_dir: Path) -> int:
 
 
 def speculative_config(config, draft_dir: str | Path) -> dict[str, Any]:
-    return {"method": "eagle3", "model": str(Path(draft_dir).resolve()),
+    """vLLM's speculative config for an exported draft: the method and ``parallel_drafting`` follow from
+    the draft's own config.json (a P-EAGLE draft, with ``mask_token_id``, drafts its slots in parallel)."""
+    draft_config = json.loads((Path(draft_dir) / "config.json").read_text())
+    spec = {"method": "eagle3", "model": str(Path(draft_dir).resolve()),
             "num_speculative_tokens": config.serve.num_speculative_tokens}
+    if draft_config.get("mask_token_id") is not None:
+        spec["parallel_drafting"] = True
+    return spec
 
 
 def engine_settings(config, target_dir: Path, draft_dir: str | Path | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eaglecache.formats.draft import DraftArch
+from eaglecache.formats.draft import DraftArch, family_arch
 from eaglecache.train.draft import Eagle3Draft
 from eaglecache.train.loader import shift_sample_tensors
 from eaglecache.train.target_head import TargetHead
@@ -22,24 +22,31 @@ H, HEADS, KV, D, INTER, VOCAB, NUM_AUX, LAYERS = 32, 4, 2, 8, 48, 50, 3, 8
 THETA, EPS = 10000.0, 1e-5
 
 
-def make_draft(draft_vocab=None, seed=0, dtype=torch.float64):
+FAMILIES = {"eagle3": {}, "eagle3.1": family_arch("eagle3.1", "joint"),
+            "eagle3.1-per-layer": family_arch("eagle3.1", "per_layer"), "peagle": family_arch("peagle", mask_token_id=7)}
+
+
+def make_draft(draft_vocab=None, seed=0, dtype=torch.float64, family="eagle3"):
     gen = torch.Generator().manual_seed(seed)
     target = TargetHead(torch.randn(VOCAB, H, generator=gen), 1 + 0.1 * torch.randn(H, generator=gen),
                         torch.randn(VOCAB, H, generator=gen) / math.sqrt(H), EPS, dtype)
     arch = DraftArch(hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=KV,
                      head_dim=D, rms_norm_eps=EPS, vocab_size=VOCAB, draft_vocab_size=draft_vocab or VOCAB,
                      target_hidden_size=H, target_num_hidden_layers=LAYERS, aux_layer_ids=[2, 4, 5],
-                     max_position_embeddings=64, initializer_range=0.2, rope={"rope_theta": THETA})
+                     max_position_embeddings=64, initializer_range=0.2, rope={"rope_theta": THETA},
+                     **FAMILIES[family])
     d2t = None
     if draft_vocab:
         draft_ids = torch.sort(torch.randperm(VOCAB, generator=gen)[:draft_vocab]).values
         d2t = draft_ids - torch.arange(draft_vocab)
     draft = Eagle3Draft(arch, target, TTTSettings(), d2t)
     draft.init_weights(seed)
-    with torch.no_grad():  # non-trivial norms, so their gradients are checked too
+    with torch.no_grad():  # non-trivial norms (and mask state), so their gradients are checked too
         for name, p in draft.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            if name == "mask_hidden":
+                p.copy_(torch.randn(p.shape, generator=gen))
     return draft.to(dtype)
 
 
@@ -74,13 +81,26 @@ def reference_loss(draft, ids, mask, aux, final, steps, decay):
     draft_ids = draft.lm_head.draft_ids
     batch, length = ids.shape
     ce_sum, correct, count = [0.0] * steps, [0] * steps, [0] * steps
+    arch = draft.arch
+
+    def combine(x):  # x [A*H]: EAGLE 3.1's aux norms, then fc
+        if arch.aux_norm == "joint":
+            x = rms(x, P["input_norm.weight"])
+        elif arch.aux_norm == "per_layer":
+            x = torch.cat([rms(c, P[f"fc_norm.{i}.weight"]) for i, c in enumerate(x.chunk(NUM_AUX))])
+        return x @ P["fc.weight"].T
+
     for b in range(batch):
-        h = [aux[b, t].reshape(-1) @ P["fc.weight"].T for t in range(length)]
+        h = [combine(aux[b, t].reshape(-1)) for t in range(length)]
         keys, values = [], []  # keys[j][t]: [kv, d], made by step j at position t
         for k in range(steps):
             qs, ks, vs = [], [], []
+            if arch.parallel and k > 0:  # P-EAGLE's slots: the mask token and state, nothing carried
+                h = [combine(P["mask_hidden"][0]) for _ in range(length)]
             for t in range(length):
                 tok = ids[b, t + 1 + k] if t + 1 + k < length else 0
+                if arch.parallel and k > 0:
+                    tok = arch.mask_token_id
                 x = torch.cat([rms(tgt.embed_weight[tok], P["midlayer.input_layernorm.weight"]),
                                rms(h[t], P["midlayer.hidden_norm.weight"])])
                 qs.append(rope((x @ P["midlayer.self_attn.q_proj.weight"].T).view(HEADS, D), t + k))
@@ -116,7 +136,7 @@ def reference_loss(draft, ids, mask, aux, final, steps, decay):
                     if target_top in draft_ids.tolist():
                         p = torch.softmax(target_logits[draft_ids], -1)
                         ce_sum[k] = ce_sum[k] - (p * logq).sum()
-            h = new_h
+            h = [rms(x, P["norm.weight"]) for x in new_h] if arch.norm_output else new_h
     loss = sum(decay ** k * ce_sum[k] / max(1, count[k]) for k in range(steps))
     return loss, correct, count
 
@@ -130,10 +150,13 @@ def run_implementation(draft, raw, steps, decay, attention="reference", chunk=4,
     return loss, stats
 
 
-@pytest.mark.parametrize("draft_vocab", [None, 20], ids=["full-vocab", "reduced-vocab"])
-def test_ttt_loss_and_gradients_match_the_plain_reference(draft_vocab):
+@pytest.mark.parametrize("draft_vocab,family", [(None, "eagle3"), (20, "eagle3"), (None, "eagle3.1"),
+                                                (20, "eagle3.1-per-layer"), (None, "peagle"), (20, "peagle")],
+                         ids=["full-vocab", "reduced-vocab", "eagle3.1", "eagle3.1-per-layer-reduced", "peagle",
+                              "peagle-reduced"])
+def test_ttt_loss_and_gradients_match_the_plain_reference(draft_vocab, family):
     steps, decay = 4, 0.8
-    draft = make_draft(draft_vocab)
+    draft = make_draft(draft_vocab, family=family)
     raw = make_batch()
     params = [p for p in draft.parameters()]
     ref_loss, ref_correct, ref_count = reference_loss(draft, *raw, steps, decay)

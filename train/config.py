@@ -12,6 +12,19 @@ MAX_TTT_LENGTH = 64
 
 
 class DraftConfig(Section):
+    family: Literal["eagle3", "eagle3.1", "peagle"] = Field(
+        "eagle3", description="Draft family, all served by vLLM's LlamaForCausalLMEagle3: eagle3; eagle3.1 (aux "
+        "states normalized before fc, the post-norm state carried to the next step); peagle (P-EAGLE: steps after "
+        "the first drafted in one parallel pass from a learned mask state; served with parallel drafting)."
+    )
+    aux_norm: Literal["joint", "per_layer"] = Field(
+        "joint", description="eagle3.1 only: one RMSNorm over the concatenated aux states (joint: vLLM's "
+        "norm_before_fc) or one per aux layer (per_layer: vLLM's fc_norm)."
+    )
+    mask_token_id: Optional[int] = Field(
+        None, ge=0, description="peagle only: token id of the parallel slots; null: the target's pad token, else "
+        "its end-of-sequence token, else 0."
+    )
     intermediate_size: Optional[int] = Field(None, ge=1, description="Draft MLP width; null uses the target's.")
     num_attention_heads: Optional[int] = Field(None, ge=1, description="Draft heads; null uses the target's.")
     num_key_value_heads: Optional[int] = Field(None, ge=1, description="Draft KV heads; null uses the target's.")

@@ -160,7 +160,14 @@ class Eagle3Draft(nn.Module):
         super().__init__()
         self.arch = arch
         self.settings = settings
-        self.fc = nn.Linear(arch.target_hidden_size * len(arch.aux_layer_ids), arch.hidden_size, bias=False)
+        eps = arch.rms_norm_eps
+        if arch.aux_norm == "joint":  # EAGLE 3.1: vLLM's norm_before_fc
+            self.input_norm = RMSNorm(arch.aux_width, eps)
+        elif arch.aux_norm == "per_layer":  # EAGLE 3.1: vLLM's fc_norm
+            self.fc_norm = nn.ModuleList(RMSNorm(arch.target_hidden_size, eps) for _ in arch.aux_layer_ids)
+        self.fc = nn.Linear(arch.aux_width, arch.hidden_size, bias=False)
+        if arch.parallel:  # P-EAGLE: the state of the parallel slots, in pre-fc aux space
+            self.mask_hidden = nn.Parameter(torch.zeros(1, arch.aux_width))
         self.midlayer = MidLayer(arch)
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = Rotary(arch)
@@ -181,6 +188,16 @@ class Eagle3Draft(nn.Module):
                 param.copy_(initial[name])
         self.norm.weight.copy_(self.target.norm_weight.float())
         self.lm_head.init_from_target()
+
+    def combine(self, aux: torch.Tensor) -> torch.Tensor:
+        """The layer's input state from aux states [..., A*H_t]: vLLM's ``combine_hidden_states``."""
+        aux = aux.to(self.fc.weight.dtype)
+        if self.arch.aux_norm == "joint":
+            aux = self.input_norm(aux)
+        elif self.arch.aux_norm == "per_layer":
+            chunks = aux.chunk(len(self.fc_norm), dim=-1)
+            aux = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks)], dim=-1)
+        return self.fc(aux)
 
     def forward(self, input_ids, loss_mask, aux, final):
         """Shifted batch (train/loader.py) -> (loss, stats [ttt_length, 5]) of train/ttt.py's ttt_loss."""

@@ -31,7 +31,9 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
                 device: torch.device = torch.device("cpu")):
     """(draft module built with the TTT settings of train.*, aux indices into the source's aux layers or None
     for all); deterministic in train.seed."""
-    from eaglecache.formats.draft import DraftArch
+    from dataclasses import replace
+
+    from eaglecache.formats.draft import DraftArch, default_mask_token_id, family_arch
     from eaglecache.target import target_config
     from eaglecache.train.draft import Eagle3Draft
     from eaglecache.train.target_head import TargetHead
@@ -59,6 +61,10 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
     dc = config.train.draft
     arch = DraftArch.from_target(tcfg, wanted, draft_vocab_size, dc.intermediate_size, dc.num_attention_heads,
                                  dc.num_key_value_heads)
+    mask_token_id = default_mask_token_id(tcfg) if dc.mask_token_id is None else dc.mask_token_id
+    if dc.family == "peagle" and mask_token_id >= arch.vocab_size:
+        raise UserError(f"train.draft.mask_token_id {mask_token_id} is outside the target's vocab of {arch.vocab_size}")
+    arch = replace(arch, **family_arch(dc.family, dc.aux_norm, mask_token_id))
     target = TargetHead.from_target(target_dir, config.target.weights_prefix, dtype)
     torch.manual_seed(config.train.seed)
     draft = Eagle3Draft(arch, target, TTTSettings.from_config(config.train, device), d2t)

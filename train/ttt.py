@@ -4,10 +4,12 @@ The algorithm, as the public EAGLE3 trainers agree on it. The batch arrives shif
 ``input_ids[t]`` is the token after position t, ``final[t]`` the target's pre-norm
 state one position later, ``loss_mask`` unshifted with its last position zeroed.
 
-- ``h = fc(aux)`` once. Step k feeds the token ``input_ids[t + k]`` and the carried
-  ``h`` (pre-norm, not detached) to the layer at RoPE positions ``t + k``; its
+- ``h = fc(aux)`` once (EAGLE 3.1 normalizes the aux states first). Step k feeds the token
+  ``input_ids[t + k]`` and the carried ``h`` (pre-norm, not detached) to the layer at RoPE positions ``t + k``; its
   attention sees the step-0 keys 0..t and the keys of steps 1..k at t. (The token's
   half of q/k/v is therefore step 0's at t + k: it is projected once for all steps.)
+- EAGLE 3.1 carries ``norm(h)`` instead of ``h``; P-EAGLE feeds its steps 1.. the mask token and
+  ``fc(mask_hidden)`` instead (``unroll``).
 - Step k's logits are ``lm_head(norm(h_k))``; its teacher is the target's softmax
   at ``final[t + k]``; its mask is ``loss_mask[t + k]`` (zero past the end).
 
@@ -71,30 +73,51 @@ def step_weights(loss_mask: torch.Tensor, ttt_length: int, ttt_decay: float) -> 
     return masks, masks.double() * (decay / counts)[:, None, None]
 
 
-def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
-    """The TTT training loss of one micro-batch: (loss, stats [K, 5] fp64).
+def unroll(draft, input_ids: torch.Tensor, aux: torch.Tensor, settings: TTTSettings) -> list[torch.Tensor]:
+    """Steps 0..K-1 of the draft over a shifted batch: the post-norm state of each step, [B, T, H] each
+    (what the LM head reads; vLLM's drafter computes the same, serve/draft_probe.py records it).
 
-    Row k of stats: step k's CE sum, correct count, position count, then the accepted tokens and
-    drafting rounds of a greedy decode walk with k + 1 speculative tokens (train/metrics.py).
-    """
+    The family decides what steps 1.. read: EAGLE3 carries the pre-norm state, EAGLE 3.1 the post-norm
+    one (``norm_output``); P-EAGLE carries nothing: its steps 1.. read the mask token and
+    ``combine(mask_hidden)``, as vLLM's parallel slots do, so they see step 0 only through attention."""
     batch, length = input_ids.shape
     steps = settings.ttt_length
-    dtype = draft.fc.weight.dtype
-    hidden = draft.fc(aux.flatten(2).to(dtype))
+    arch = draft.arch
+    hidden = draft.combine(aux.flatten(2))
     cos, sin = draft.rotary(length + steps - 1, hidden)
     # step k reads the token at t + k: embed the ids once, extended by K - 1 padding (zero) tokens
     ids = torch.nn.functional.pad(input_ids, (0, steps - 1))
     embed_qkv = draft.midlayer.embed_projections(draft.target.embed(ids))
+    if arch.parallel:  # one token and one state for every slot: [1, 1, .] broadcasts over the batch
+        mask_ids = torch.full((1, 1), arch.mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        mask_qkv = draft.midlayer.embed_projections(draft.target.embed(mask_ids))
+        mask_state = draft.combine(draft.mask_hidden)[None].expand(batch, length, -1)
     cache, normed = KeyCache(), []
     for k in range(steps):
-        step_qkv = tuple(x[:, k:k + length] for x in embed_qkv)
-        args = (step_qkv, hidden, cos[k:k + length], sin[k:k + length], cache, settings.attention)
+        if arch.parallel and k > 0:
+            step_qkv, step_hidden = mask_qkv, mask_state
+        else:
+            step_qkv, step_hidden = tuple(x[:, k:k + length] for x in embed_qkv), hidden
+        args = (step_qkv, step_hidden, cos[k:k + length], sin[k:k + length], cache, settings.attention)
         if settings.gradient_checkpointing and torch.is_grad_enabled():
             hidden, cache = checkpoint(draft.midlayer, *args, use_reentrant=False)
         else:
             hidden, cache = draft.midlayer(*args)
         normed.append(draft.norm(hidden))
-    masks, weights = step_weights(loss_mask, steps, settings.ttt_decay)
+        if arch.norm_output:
+            hidden = normed[-1]
+    return normed
+
+
+def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
+    """The TTT training loss of one micro-batch: (loss, stats [K, 5] fp64).
+
+    Row k of stats: step k's CE sum, correct count, position count, then the accepted tokens and
+    drafting rounds of a greedy decode walk with k + 1 speculative tokens (train/metrics.py). The walk
+    is P-EAGLE's acceptance rule exactly (its step k at t never reads a drafted token), and EAGLE3's
+    with the true tokens in place of the drafted ones."""
+    normed = unroll(draft, input_ids, aux, settings)
+    masks, weights = step_weights(loss_mask, settings.ttt_length, settings.ttt_decay)
     with torch.no_grad():
         teacher = draft.target.final_norm(final)
     loss, stats, agree = draft.lm_head(torch.stack(normed), teacher, masks, weights, settings.loss_chunk_tokens)

@@ -41,6 +41,13 @@ LAYER_TENSORS = (
 )
 REQUIRED_TENSORS = (FC,) + LAYER_TENSORS
 OUTPUT_NORM = "norm.weight"
+# EAGLE 3.1 only: one RMSNorm over the concatenated aux states (vLLM's norm_before_fc), or one per aux
+# state (vLLM's fc_norm, ``fc_norm.{i}.weight``)
+INPUT_NORM, FC_NORM = "input_norm.weight", "fc_norm.{}.weight"
+# P-EAGLE only: the learned state of the parallel slots, in pre-fc aux space [1, num_aux x target hidden]
+MASK_HIDDEN = "mask_hidden"
+# the draft families vLLM serves from this architecture
+FAMILIES = ("eagle3", "eagle3.1", "peagle")
 # A reduced vocabulary only: its own LM head rows and the draft-to-target / target-to-draft id maps.
 LM_HEAD, D2T, T2D = "lm_head.weight", "d2t", "t2d"
 # What a full-vocab draft shares with the target and an export leaves out.
@@ -66,10 +73,18 @@ class DraftArch:
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     rope: dict[str, Any] = field(default_factory=dict)  # the target's RoPE keys, copied verbatim
+    # the family's variations of the EAGLE3 layer (a draft.json without them is an EAGLE3 draft):
+    family: str = "eagle3"
+    aux_norm: str = "none"  # "none" | "joint" (one RMSNorm over the aux concat) | "per_layer" (one per aux state)
+    norm_output: bool = False  # the next step reads the post-norm state (EAGLE 3.1), not the pre-norm one
+    mask_token_id: Optional[int] = None  # P-EAGLE: the token id of the parallel slots
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(out.pop("rope"))  # RoPE keys at the top level, as in an HF config
+        if self.family == "eagle3":  # an EAGLE3 draft.json stays what releases before the families wrote
+            for key in ("family", "aux_norm", "norm_output", "mask_token_id"):
+                out.pop(key)
         return out
 
     @classmethod
@@ -108,6 +123,43 @@ class DraftArch:
     def reduced_vocab(self) -> bool:
         return self.draft_vocab_size < self.vocab_size
 
+    @property
+    def parallel(self) -> bool:
+        """P-EAGLE: steps 1.. read the mask token and ``mask_hidden`` instead of the carried state."""
+        return self.mask_token_id is not None
+
+    @property
+    def aux_width(self) -> int:
+        return self.target_hidden_size * len(self.aux_layer_ids)
+
+
+def default_mask_token_id(target: Mapping[str, Any]) -> int:
+    """The token of P-EAGLE's parallel slots when none is configured: the target's pad token, else its
+    end-of-sequence token, else 0. Any fixed id works: the slots learn ``mask_hidden``; the shared, frozen
+    embedding of that token only has to be the same in training and serving."""
+    for key in ("pad_token_id", "eos_token_id"):
+        value = target.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def family_arch(family: str, aux_norm: str = "joint", mask_token_id: Optional[int] = None) -> dict[str, Any]:
+    """The DraftArch fields a family sets: EAGLE 3.1 normalizes the aux states (``aux_norm``: joint or
+    per_layer) and carries the post-norm state; P-EAGLE drafts its steps 1.. in parallel from
+    ``mask_token_id``; EAGLE3 is the plain layer."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown draft family {family!r} (known: {', '.join(FAMILIES)})")
+    if family == "eagle3.1":
+        return {"family": family, "aux_norm": aux_norm, "norm_output": True, "mask_token_id": None}
+    if family == "peagle":
+        if mask_token_id is None:
+            raise ValueError("a P-EAGLE draft needs a mask token id")
+        return {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": int(mask_token_id)}
+    return {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": None}
+
 
 def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
     """Every trainable tensor of the draft and its shape, in the order the initialisation draws them.
@@ -116,8 +168,13 @@ def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
     for a reduced vocabulary only."""
     hidden, inter = arch.hidden_size, arch.intermediate_size
     q_out, kv_out = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    shapes = {
-        FC: (hidden, arch.target_hidden_size * len(arch.aux_layer_ids)),
+    shapes: dict[str, tuple[int, ...]] = {}
+    if arch.aux_norm == "joint":
+        shapes[INPUT_NORM] = (arch.aux_width,)
+    elif arch.aux_norm == "per_layer":
+        shapes.update({FC_NORM.format(i): (arch.target_hidden_size,) for i in range(len(arch.aux_layer_ids))})
+    shapes.update({
+        FC: (hidden, arch.aux_width),
         "midlayer.input_layernorm.weight": (hidden,),
         "midlayer.hidden_norm.weight": (hidden,),
         "midlayer.self_attn.q_proj.weight": (q_out, 2 * hidden),
@@ -129,9 +186,11 @@ def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
         "midlayer.mlp.up_proj.weight": (inter, hidden),
         "midlayer.mlp.down_proj.weight": (hidden, inter),
         OUTPUT_NORM: (hidden,),
-    }
+    })
     if arch.reduced_vocab:
         shapes[LM_HEAD] = (arch.draft_vocab_size, hidden)
+    if arch.parallel:  # last, so the tensors before it draw the same numbers in every family
+        shapes[MASK_HIDDEN] = (1, arch.aux_width)
     return shapes
 
 

@@ -1,0 +1,131 @@
+"""vLLM's forward on an exported draft equals the trainer's, for every draft family, and stays lossless.
+
+For each family an untrained draft is exported (its norms and mask state perturbed, so that a norm
+applied in the wrong place shows), served by vLLM 0.32 (CPU build, float32) on the tiny target, and
+vLLM's own drafter forwards during greedy generation are recorded (serve/draft_probe.py). The
+trainer's unroll (train/ttt.py) then runs on the very inputs vLLM's drafter got (the target's aux
+states, the token ids) and must give the same post-norm states, position by position:
+- step 0 over the whole prompt (vLLM's first drafting pass);
+- EAGLE3 / EAGLE 3.1: steps 1 and 2 at the last position (vLLM's next passes, one token each, that
+  read the carried state and the drafted token);
+- P-EAGLE: the mask slots that vLLM appends to its first pass (parallel drafting).
+One engine per family (a draft is fixed at engine start); the greedy outputs of all families must agree
+(test_bench.py checks that they equal the target alone for EAGLE3).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from eaglecache.config import load_config
+from eaglecache.formats.draft import DraftArch
+from eaglecache.serve.export import build_untrained_draft
+from eaglecache.serve.vllm_engine import engine_settings
+from eaglecache.train.draft import Eagle3Draft
+from eaglecache.train.target_head import TargetHead
+from eaglecache.train.ttt import TTTSettings, unroll
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = ("eagle3", "eagle3.1", "peagle")
+STEPS = 3  # speculative tokens
+PROMPTS = ["def fibonacci(n):\n    return", "The quick brown fox"]
+
+
+def _perturbed_draft(tiny_target, out, family):
+    """An exported untrained draft whose norms and mask state are far from their neutral init."""
+    draft_dir = build_untrained_draft(tiny_target, out, seed=3, family=family)
+    weights = draft_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    gen = torch.Generator().manual_seed(5)
+    for name, t in tensors.items():
+        if t.dim() == 1 and t.is_floating_point():
+            tensors[name] = (1 + 0.3 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+        elif name == "mask_hidden":
+            tensors[name] = torch.randn(t.shape, generator=gen).to(t.dtype)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return draft_dir
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def served(request, tiny_target, tmp_path_factory):
+    """(family, draft dir, recorded drafter forwards, greedy outputs) of one engine run."""
+    from vllm import LLM, SamplingParams
+
+    family = request.param
+    root = tmp_path_factory.mktemp(f"forward-{family}")
+    draft_dir = _perturbed_draft(tiny_target, root / "draft", family)
+    config = load_config(None, [f"target.path={tiny_target}", "target.dtype=float32", "target.kv_cache_gib=0.25",
+                                f"serve.num_speculative_tokens={STEPS}"])
+    settings = engine_settings(config, tiny_target, draft_dir)
+    assert settings["speculative_config"].get("parallel_drafting", False) == (family == "peagle")
+    llm = LLM(**settings, worker_extension_cls="eaglecache.serve.draft_probe.DraftProbe")
+    try:
+        assert any(llm.collective_rpc("eaglecache_probe_arm"))
+        outputs = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=8, temperature=0.0))
+        assert sum(llm.collective_rpc("eaglecache_probe_dump", args=(str(root / "records.pt"),))) > 0
+        greedy = [list(o.outputs[0].token_ids)
+                  for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))]
+    finally:
+        del llm
+    return family, draft_dir, torch.load(root / "records.pt"), greedy
+
+
+def _our_draft(tiny_target, draft_dir):
+    arch = DraftArch.from_json(json.loads((draft_dir / "export.json").read_text())["draft_json"])
+    target = TargetHead.from_target(tiny_target, "", torch.float32)
+    settings = TTTSettings(ttt_length=STEPS, attention="reference")
+    draft = Eagle3Draft(arch, target, settings).float()
+    state = {k: v.float() for k, v in load_file(str(draft_dir / "model.safetensors")).items()}
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    assert not unexpected and all(name.startswith("target.") or name == "norm.weight" and name in state
+                                  for name in missing), (missing, unexpected)
+    return draft, settings
+
+
+def _close(ours, theirs):
+    assert ours.shape == theirs.shape
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-4 * max(1.0, theirs.abs().max().item()), err
+
+
+def test_vllm_drafter_forward_equals_the_training_unroll(served, tiny_target):
+    family, draft_dir, records, _ = served
+    draft, settings = _our_draft(tiny_target, draft_dir)
+    first = records[0]
+    assert first["aux"] is not None  # vLLM's first pass reads the target's states
+    length = first["aux"].shape[0]  # the prompt
+    num_aux = len(draft.arch.aux_layer_ids)
+    if family == "peagle":
+        # one pass: the prompt (ids shifted by one, the bonus token last), then STEPS - 1 mask slots
+        assert first["input_ids"].shape[0] == length + STEPS - 1
+        assert first["input_ids"][length:].tolist() == [draft.arch.mask_token_id] * (STEPS - 1)
+        assert first["positions"].tolist() == list(range(length + STEPS - 1))
+        ids = first["input_ids"][:length]
+        later = [first["normed"][length - 1 + k] for k in range(1, STEPS)]
+    else:
+        # then one token per pass, at the next positions: the drafted token and the carried state
+        follow = records[1:STEPS]
+        assert [r["positions"].tolist() for r in follow] == [[length - 1 + k] for k in range(1, STEPS)]
+        ids = torch.cat([first["input_ids"]] + [r["input_ids"] for r in follow])
+        later = [r["normed"][0] for r in follow]
+    aux = torch.zeros(ids.shape[0], first["aux"].shape[1])
+    aux[:length] = first["aux"]  # positions past the prompt are never attended by position length - 1
+    with torch.no_grad():
+        normed = unroll(draft, ids.long()[None], aux.view(1, -1, num_aux, aux.shape[1] // num_aux), settings)
+    _close(normed[0][0, :length], first["normed"][:length])
+    for k, theirs in enumerate(later, start=1):
+        _close(normed[k][0, length - 1], theirs)
+
+
+_GREEDY: dict[str, list[list[int]]] = {}  # family -> greedy outputs, filled as the module's engines run
+
+
+def test_every_family_keeps_greedy_outputs(served):
+    family, _, _, greedy = served
+    assert all(len(g) > 0 for g in greedy)
+    _GREEDY[family] = greedy
+    first_family, reference = next(iter(_GREEDY.items()))
+    assert greedy == reference, f"greedy outputs with the {family} draft differ from those with {first_family}"
