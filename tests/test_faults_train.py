@@ -32,7 +32,8 @@ import torch
 from eaglecache.config import load_config
 from eaglecache.errors import UserError
 from eaglecache.precompute.reader import open_cache
-from eaglecache.train.checkpoint import COMMIT, _file_checksums, checkpoint_problem, committed_steps, tag_of
+from eaglecache.formats.run import COMMIT, committed_steps, tag_of
+from eaglecache.train.checkpoint import _file_checksums, checkpoint_problem
 from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, losses, write_feature_cache
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's torch.distributed calls

@@ -55,7 +55,7 @@ def fp32_weights(run_dir, step=None):
     """The fp32 master weights of a checkpoint (the last by default), consolidated from ZeRO-3 partitions."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from eaglecache.train.checkpoint import committed_steps, tag_of
+    from eaglecache.formats.run import committed_steps, tag_of
 
     tag = tag_of(step or committed_steps(run_dir)[-1])
     return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)

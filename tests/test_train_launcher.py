@@ -17,7 +17,8 @@ import torch
 from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, losses, write_feature_cache
 from eaglecache.config import load_config
 from eaglecache.errors import UserError
-from eaglecache.train.checkpoint import COMMIT, KILL_AFTER_CHECKPOINT_ENV, committed_steps, run_fingerprint, tag_of
+from eaglecache.formats.run import COMMIT, committed_steps, tag_of
+from eaglecache.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV, run_fingerprint
 from eaglecache.train.launch import exit_status, remove_cpu_allreduce_buffers, signal_name, write_run_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
