@@ -23,7 +23,7 @@ from typing import Any
 
 from eaglecache.serve import prompts, vllm_engine
 from eaglecache.serve.card import render_model_card, results_table
-from eaglecache.formats.draft import MODEL_CARD, read_draft_dir
+from eaglecache.formats.draft import MODEL_CARD, read_draft_dir, served_aux_layer_ids
 from eaglecache.serve.export import build_untrained_draft, resolve_target_dir
 from eaglecache.serve.metrics import SpecCounters, counters_from_metrics
 
@@ -234,9 +234,11 @@ def bench(config, *, draft: str | Path, prompt_sets: list[str], output: str | Pa
     label = "trained" if meta.get("source") == "training run" else draft_dir.name
     drafts = {label: draft_dir}
     if untrained_baseline:
-        aux = draft_config["eagle_aux_hidden_state_layer_ids"]
-        drafts[UNTRAINED] = build_untrained_draft(target_dir, output / "untrained-draft", config.serve.seed, aux,
-                                                  vllm_engine.serving_max_model_len(config, target_dir))
+        family = (meta.get("draft_json") or {}).get("family", "eagle3")  # the baseline is of the draft's family
+        drafts[UNTRAINED] = build_untrained_draft(target_dir, output / "untrained-draft", config.serve.seed,
+                                                  served_aux_layer_ids(draft_config),
+                                                  vllm_engine.serving_max_model_len(config, target_dir),
+                                                  family=family)
     results = benchmark(config, target_dir, drafts, sets)
     write_results(results, output)
     update_model_card(draft_dir, label, results)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
+from eaglecache.formats.draft import served_aux_layer_ids
+
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -39,11 +41,15 @@ FAMILY_NOTES = {
     "EAGLE 3.1": "EAGLE3 with the aux states normalized before fc and the post-norm state carried between steps",
     "P-EAGLE": "parallel drafting: every token after the first is drafted in the same forward, from a learned "
                "mask state",
+    "DFlash": "block drafting: a block of mask tokens drafted in one forward, attending to the target's "
+              "context states",
 }
 
 
 def family_name(config: Mapping[str, Any]) -> str:
-    """The family of an exported LlamaForCausalLMEagle3 config, by the keys vLLM reads."""
+    """The family of an exported draft's config.json, by the keys vLLM reads."""
+    if "DFlashDraftModel" in (config.get("architectures") or []):
+        return "DFlash"
     if config.get("mask_token_id") is not None:
         return "P-EAGLE"
     if config.get("norm_output") or config.get("norm_before_fc") or config.get("fc_norm"):
@@ -54,19 +60,20 @@ def family_name(config: Mapping[str, Any]) -> str:
 def render_model_card(config: Mapping[str, Any], provenance: Mapping[str, Any],
                       training: Mapping[str, Any] | None, results: Mapping[str, Any] | None) -> str:
     """README.md of an exported draft: what it is, how to load it, how it was trained, how it did."""
-    aux = config["eagle_aux_hidden_state_layer_ids"]
+    aux = served_aux_layer_ids(config)
     vocab_note = ("full target vocabulary; embedding and LM head shared with the target"
                   if config["draft_vocab_size"] == config["vocab_size"]
                   else f"reduced draft vocabulary of {config['draft_vocab_size']} (d2t/t2d included); "
                        "embedding shared with the target")
     family = family_name(config)
-    spec = {"method": "eagle3", "model": "<this directory>", "num_speculative_tokens": 3}
+    spec = {"method": "dflash" if family == "DFlash" else "eagle3", "model": "<this directory>",
+            "num_speculative_tokens": 3}
     if config.get("mask_token_id") is not None:
         spec["parallel_drafting"] = True
     parts = [
         f"# {family} draft (eaglecache)\n",
         f"Family: {family} ({FAMILY_NOTES[family]}). "
-        f"A one-layer `LlamaForCausalLMEagle3` draft for the target `{provenance.get('target_path')}` "
+        f"A {config.get('num_hidden_layers', 1)}-layer `{config['architectures'][0]}` draft for the target `{provenance.get('target_path')}` "
         f"(hidden {config['target_hidden_size']}, vocab {config['vocab_size']}), fed by the target's layers "
         f"{aux} ({vocab_note}). Source: {provenance.get('source')}.\n",
         "## Use with vLLM\n",

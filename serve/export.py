@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
-from eaglecache.formats.draft import (ARCHITECTURE, CONFIG_JSON, D2T, EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, FC,
+from eaglecache.formats.draft import (ARCHITECTURE, CONFIG_JSON, D2T, DFLASH_ARCHITECTURE, DFLASH_HIDDEN_NORM,
+                                      DFLASH_LAYER_TENSORS, EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, FC,
                                       FC_NORM, INPUT_NORM, LM_HEAD, MASK_HIDDEN, MODEL_CARD, OUTPUT_NORM,
                                       REQUIRED_TENSORS, ROPE_KEYS, SHARED_WITH_TARGET, T2D, WEIGHTS, DraftArch,
                                       initial_tensors)
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- target reading
 def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None = None,
-                       draft_vocab_size: int | None = None, family: str = "eagle3") -> dict[str, Any]:
+                       draft_vocab_size: int | None = None, family: str = "eagle3",
+                       num_layers: int = 1) -> dict[str, Any]:
     """The draft.json-style architecture of a one-layer draft of ``family`` with the target's own
     dimensions (the text model's config of a VL target), as training writes it."""
     from dataclasses import replace
@@ -51,7 +53,8 @@ def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None =
     t = target_config(target_dir)
     aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(t["num_hidden_layers"]))
     arch = DraftArch.from_target(t, aux_layer_ids, draft_vocab_size)
-    return replace(arch, **family_arch(family, mask_token_id=default_mask_token_id(t))).to_json()
+    fields = family_arch(family, mask_token_id=default_mask_token_id(t), num_layers=num_layers)
+    return replace(arch, **fields).to_json()
 
 
 # ---------------------------------------------------------------- the vLLM config
@@ -65,7 +68,9 @@ def _arch_value(arch: Mapping[str, Any], *names: str, default: Any = KeyError) -
 
 
 def vllm_draft_config(arch: Mapping[str, Any], max_model_len: int | None = None) -> dict[str, Any]:
-    """config.json of the draft as vLLM's `LlamaForCausalLMEagle3` reads it."""
+    """config.json of the draft as vLLM's `LlamaForCausalLMEagle3` (or, for DFlash, `DFlashDraftModel`) reads it."""
+    if arch.get("family") == "dflash":
+        return dflash_vllm_config(arch, max_model_len)
     aux_ids = [int(i) for i in _arch_value(arch, "aux_layer_ids", "eagle_aux_hidden_state_layer_ids")]
     hidden = int(_arch_value(arch, "hidden_size"))
     heads = int(_arch_value(arch, "num_attention_heads"))
@@ -95,6 +100,37 @@ def vllm_draft_config(arch: Mapping[str, Any], max_model_len: int | None = None)
     }
     config.update({k: arch[k] for k in ROPE_KEYS if arch.get(k) is not None})
     config.update(family_config(arch))
+    return config
+
+
+def dflash_vllm_config(arch: Mapping[str, Any], max_model_len: int | None = None) -> dict[str, Any]:
+    """config.json of a DFlash draft as vLLM 0.32's `DFlashDraftModel` (qwen3_dflash.py) reads it: a Qwen3
+    config of the draft's layers, the target's RoPE, and ``dflash_config`` with the mask token and the aux
+    layers as HF-style ids (vLLM's aux id - 1). No ``layer_types``: every layer attends within its block
+    both ways, as trained."""
+    hidden, heads = int(arch["hidden_size"]), int(arch["num_attention_heads"])
+    config = {
+        "architectures": [DFLASH_ARCHITECTURE],
+        "model_type": "qwen3",
+        "hidden_size": hidden,
+        "intermediate_size": int(arch["intermediate_size"]),
+        "num_hidden_layers": int(arch.get("num_layers", 1)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(arch.get("num_key_value_heads") or heads),
+        "head_dim": int(arch.get("head_dim") or hidden // heads),
+        "hidden_act": arch.get("hidden_act", "silu"),
+        "rms_norm_eps": float(arch["rms_norm_eps"]),
+        "vocab_size": int(arch["vocab_size"]),
+        "draft_vocab_size": int(arch.get("draft_vocab_size") or arch["vocab_size"]),
+        "target_hidden_size": int(arch.get("target_hidden_size") or hidden),
+        "max_position_embeddings": max(int(arch.get("max_position_embeddings") or 0), int(max_model_len or 0)) or 4096,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "dflash_config": {"mask_token_id": int(arch["mask_token_id"]),
+                          "target_layer_ids": [int(i) - 1 for i in arch["aux_layer_ids"]]},
+    }
+    config.update({k: arch[k] for k in ROPE_KEYS if arch.get(k) is not None})
     return config
 
 
@@ -132,6 +168,8 @@ def select_draft_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[st
                          target_norm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The tensors vLLM should load, in bf16 (d2t int64, t2d bool), checked against the config."""
     names = {name.removeprefix("model."): t for name, t in tensors.items()}
+    if DFLASH_ARCHITECTURE in config.get("architectures", []):
+        return _select_dflash_tensors(names, config, target_norm)
     required = REQUIRED_TENSORS + family_tensors(config)
     missing = [n for n in required if n not in names]
     if missing:
@@ -163,6 +201,31 @@ def select_draft_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[st
         dropped = [n for n in SHARED_WITH_TARGET if n in names]
         if dropped:
             log.info("full-vocab draft: leaving out %s (shared with the target)", ", ".join(dropped))
+    return out
+
+
+def _select_dflash_tensors(names: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                           target_norm: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A DFlash draft's tensors (eaglecache/formats/draft.py ``_dflash_tensor_shapes``), checked by shape."""
+    layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    required = [FC, DFLASH_HIDDEN_NORM] + [f"layers.{i}.{n}" for i in range(layers) for n in DFLASH_LAYER_TENSORS]
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise UserError(f"DFlash draft weights lack {', '.join(missing[:5])}")
+    aux_width = int(config["target_hidden_size"]) * len(config["dflash_config"]["target_layer_ids"])
+    if tuple(names[FC].shape) != (hidden, aux_width):
+        raise UserError(f"fc.weight has shape {tuple(names[FC].shape)}, expected {(hidden, aux_width)}")
+    out = {n: names[n].to(torch.bfloat16).contiguous() for n in required}
+    norm = names.get(OUTPUT_NORM, target_norm)
+    if norm is None:
+        raise UserError("draft weights lack norm.weight and no target norm was given")
+    out[OUTPUT_NORM] = norm.to(torch.bfloat16).contiguous()
+    if int(config["draft_vocab_size"]) < int(config["vocab_size"]):
+        for name in (LM_HEAD, D2T):
+            if name not in names:
+                raise UserError(f"reduced-vocab draft lacks {name}")
+        out[LM_HEAD] = names[LM_HEAD].to(torch.bfloat16).contiguous()
+        out[D2T] = names[D2T].to(torch.int64).contiguous()
     return out
 
 
@@ -274,9 +337,9 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
 
 def build_untrained_draft(target_dir: str | Path, output: str | Path, seed: int = 0,
                           aux_layer_ids: list[int] | None = None, max_model_len: int | None = None,
-                          draft_vocab_size: int | None = None, family: str = "eagle3") -> Path:
-    """A randomly initialised one-layer draft of ``family`` for `target_dir`, exported like a trained one."""
-    arch = draft_architecture(target_dir, aux_layer_ids, draft_vocab_size, family)
+                          draft_vocab_size: int | None = None, family: str = "eagle3", num_layers: int = 1) -> Path:
+    """A randomly initialised draft of ``family`` for `target_dir`, exported like a trained one."""
+    arch = draft_architecture(target_dir, aux_layer_ids, draft_vocab_size, family, num_layers)
     config = vllm_draft_config(arch, max_model_len)
     tensors = select_draft_tensors(random_draft_tensors(arch, seed), config)
     provenance = {"source": "untrained (random init)", "seed": seed, "target_path": str(Path(target_dir).resolve()),

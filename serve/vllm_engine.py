@@ -9,10 +9,12 @@ never drift apart. Also here: checking that a draft directory fits the target be
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from eaglecache.errors import UserError
+from eaglecache.formats.draft import CONFIG_JSON, DFLASH_ARCHITECTURE, served_aux_layer_ids
 from eaglecache.target import target_config
 
 
@@ -26,12 +28,23 @@ def serving_max_model_len(config, target_dir: Path) -> int:
 def speculative_config(config, draft_dir: str | Path) -> dict[str, Any]:
     """vLLM's speculative config for an exported draft: the method and ``parallel_drafting`` follow from
     the draft's own config.json (a P-EAGLE draft, with ``mask_token_id``, drafts its slots in parallel)."""
-    draft_config = json.loads((Path(draft_dir) / "config.json").read_text())
-    spec = {"method": "eagle3", "model": str(Path(draft_dir).resolve()),
+    draft_config = json.loads((Path(draft_dir) / CONFIG_JSON).read_text())
+    dflash = DFLASH_ARCHITECTURE in (draft_config.get("architectures") or [])
+    spec = {"method": "dflash" if dflash else "eagle3", "model": str(Path(draft_dir).resolve()),
             "num_speculative_tokens": config.serve.num_speculative_tokens}
-    if draft_config.get("mask_token_id") is not None:
+    if draft_config.get("mask_token_id") is not None:  # P-EAGLE (vLLM turns it on by itself for dflash)
         spec["parallel_drafting"] = True
+    if dflash and int(draft_config.get("num_hidden_layers", 1)) > 1 and not _has_cuda():
+        print(f"warning: {draft_dir} is a {draft_config['num_hidden_layers']}-layer DFlash draft; vLLM 0.32's CPU "
+              "build norms every layer's context keys with layer 0's k_norm, so it will accept fewer tokens than "
+              "trained (outputs stay correct). On CPU, train DFlash with train.draft.num_layers=1.", file=sys.stderr)
     return spec
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def engine_settings(config, target_dir: Path, draft_dir: str | Path | None) -> dict[str, Any]:
@@ -76,6 +89,6 @@ def check_draft_fits_target(draft_config: dict[str, Any], target_dir: Path) -> N
     if draft_config.get("target_hidden_size") != target.get("hidden_size"):
         raise UserError(f"{name} does not fit the target {target_dir} (hidden {target.get('hidden_size')})")
     num_layers = int(target["num_hidden_layers"])
-    aux = draft_config.get("eagle_aux_hidden_state_layer_ids") or []
+    aux = served_aux_layer_ids(draft_config)
     if any(not 0 <= int(i) <= num_layers for i in aux):
         raise UserError(f"draft aux layer ids {aux} are outside the target's 0..{num_layers}")

@@ -8,7 +8,8 @@ states, the token ids) and must give the same post-norm states, position by posi
 - step 0 over the whole prompt (vLLM's first drafting pass);
 - EAGLE3 / EAGLE 3.1: steps 1 and 2 at the last position (vLLM's next passes, one token each, that
   read the carried state and the drafted token);
-- P-EAGLE: the mask slots that vLLM appends to its first pass (parallel drafting).
+- P-EAGLE: the mask slots that vLLM appends to its first pass (parallel drafting);
+- DFlash: the block (the bonus token and the mask tokens) of vLLM's one pass, over the context states.
 One engine per family (a draft is fixed at engine start); the greedy outputs of all families must agree
 (test_bench.py checks that they equal the target alone for EAGLE3).
 """
@@ -23,13 +24,14 @@ from eaglecache.config import load_config
 from eaglecache.formats.draft import DraftArch
 from eaglecache.serve.export import build_untrained_draft
 from eaglecache.serve.vllm_engine import engine_settings
+from eaglecache.train.dflash import DFlashDraft
 from eaglecache.train.draft import Eagle3Draft
 from eaglecache.train.target_head import TargetHead
 from eaglecache.train.ttt import TTTSettings, unroll
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("eagle3", "eagle3.1", "peagle")
+FAMILIES = ("eagle3", "eagle3.1", "peagle", "dflash")
 STEPS = 3  # speculative tokens
 PROMPTS = ["def fibonacci(n):\n    return", "The quick brown fox"]
 
@@ -61,6 +63,7 @@ def served(request, tiny_target, tmp_path_factory):
                                 f"serve.num_speculative_tokens={STEPS}"])
     settings = engine_settings(config, tiny_target, draft_dir)
     assert settings["speculative_config"].get("parallel_drafting", False) == (family == "peagle")
+    assert settings["speculative_config"]["method"] == ("dflash" if family == "dflash" else "eagle3")
     llm = LLM(**settings, worker_extension_cls="eaglecache.serve.draft_probe.DraftProbe")
     try:
         assert any(llm.collective_rpc("eaglecache_probe_arm"))
@@ -77,7 +80,7 @@ def _our_draft(tiny_target, draft_dir):
     arch = DraftArch.from_json(json.loads((draft_dir / "export.json").read_text())["draft_json"])
     target = TargetHead.from_target(tiny_target, "", torch.float32)
     settings = TTTSettings(ttt_length=STEPS, attention="reference")
-    draft = Eagle3Draft(arch, target, settings).float()
+    draft = (DFlashDraft if arch.family == "dflash" else Eagle3Draft)(arch, target, settings).float()
     state = {k: v.float() for k, v in load_file(str(draft_dir / "model.safetensors")).items()}
     missing, unexpected = draft.load_state_dict(state, strict=False)
     assert not unexpected and all(name.startswith("target.") or name == "norm.weight" and name in state
@@ -98,6 +101,17 @@ def test_vllm_drafter_forward_equals_the_training_unroll(served, tiny_target):
     assert first["aux"] is not None  # vLLM's first pass reads the target's states
     length = first["aux"].shape[0]  # the prompt
     num_aux = len(draft.arch.aux_layer_ids)
+    aux_view = lambda aux: aux.view(1, aux.shape[0], num_aux, aux.shape[1] // num_aux)  # noqa: E731
+    if family == "dflash":
+        # one pass: the bonus token and STEPS mask tokens at the positions after the prompt, over its context
+        assert first["input_ids"].tolist()[1:] == [draft.arch.mask_token_id] * STEPS
+        assert first["positions"].tolist() == list(range(length, length + STEPS + 1))
+        ids = torch.zeros(length, dtype=torch.long)
+        ids[-1] = first["input_ids"][0]  # the anchor at t = length - 1 reads the token after it
+        with torch.no_grad():
+            block = draft.block_states(ids[None], aux_view(first["aux"]), STEPS + 1)
+        _close(block[0, -1], first["normed"])
+        return
     if family == "peagle":
         # one pass: the prompt (ids shifted by one, the bonus token last), then STEPS - 1 mask slots
         assert first["input_ids"].shape[0] == length + STEPS - 1
@@ -114,7 +128,7 @@ def test_vllm_drafter_forward_equals_the_training_unroll(served, tiny_target):
     aux = torch.zeros(ids.shape[0], first["aux"].shape[1])
     aux[:length] = first["aux"]  # positions past the prompt are never attended by position length - 1
     with torch.no_grad():
-        normed = unroll(draft, ids.long()[None], aux.view(1, -1, num_aux, aux.shape[1] // num_aux), settings)
+        normed = unroll(draft, ids.long()[None], aux_view(aux), settings)
     _close(normed[0][0, :length], first["normed"][:length])
     for k, theirs in enumerate(later, start=1):
         _close(normed[k][0, length - 1], theirs)
@@ -129,3 +143,58 @@ def test_every_family_keeps_greedy_outputs(served):
     _GREEDY[family] = greedy
     first_family, reference = next(iter(_GREEDY.items()))
     assert greedy == reference, f"greedy outputs with the {family} draft differ from those with {first_family}"
+
+
+def test_vllm_cpu_build_gives_every_dflash_layer_the_first_k_norm(tiny_target, tmp_path):
+    """The smallest reproduction of a vLLM 0.32 CPU-build bug: DFlash's context keys are normed by one
+    grouped ``ops.rms_norm`` call over a stacked [layers, head_dim] k_norm weight, and the CPU kernel
+    applies row 0 to every layer. A two-layer draft with different k_norms is served wrongly (still
+    lossless, but with worse acceptance); the trainer's forward with layer 0's k_norm copied into layer 1
+    for the context keys reproduces vLLM exactly. Hence: on CPU, serve one-layer DFlash drafts."""
+    from vllm import LLM, SamplingParams
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU build's kernel")
+    draft_dir = build_untrained_draft(tiny_target, tmp_path / "draft", seed=3, family="dflash", num_layers=2)
+    weights = draft_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    gen = torch.Generator().manual_seed(5)
+    for i in range(2):
+        name = f"layers.{i}.self_attn.k_norm.weight"
+        tensors[name] = (1 + 0.5 * torch.randn(tensors[name].shape, generator=gen)).to(tensors[name].dtype)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    config = load_config(None, [f"target.path={tiny_target}", "target.dtype=float32", "target.kv_cache_gib=0.25",
+                                f"serve.num_speculative_tokens={STEPS}"])
+    llm = LLM(**engine_settings(config, tiny_target, draft_dir),
+              worker_extension_cls="eaglecache.serve.draft_probe.DraftProbe")
+    try:
+        llm.collective_rpc("eaglecache_probe_arm")
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0.0))
+        llm.collective_rpc("eaglecache_probe_dump", args=(str(tmp_path / "records.pt"),))
+    finally:
+        del llm
+    first = torch.load(tmp_path / "records.pt")[0]
+    draft, _ = _our_draft(tiny_target, draft_dir)
+    length, num_aux = first["aux"].shape[0], len(draft.arch.aux_layer_ids)
+    ids = torch.zeros(length, dtype=torch.long)
+    ids[-1] = first["input_ids"][0]
+    aux = first["aux"].view(1, length, num_aux, -1)
+    with torch.no_grad():
+        ours = draft.block_states(ids[None], aux, STEPS + 1)[0, -1]
+        assert (ours - first["normed"]).abs().max() > 1e-2  # the layers' own k_norms: not what vLLM computed
+        layer1 = draft.layers[1].self_attn
+        block_k_norm = layer1.k_norm.weight.clone()
+        # the context keys of layer 1 normed with layer 0's weight, its block keys with its own
+        original = layer1.keys_values
+
+        def context_with_first_k_norm(x, cos, sin, _orig=original):
+            if x.dim() == 3 and x.shape[1] == length:  # the context states (the block is reshaped [B, T*S, H])
+                layer1.k_norm.weight.copy_(draft.layers[0].self_attn.k_norm.weight)
+                try:
+                    return _orig(x, cos, sin)
+                finally:
+                    layer1.k_norm.weight.copy_(block_k_norm)
+            return _orig(x, cos, sin)
+
+        layer1.keys_values = context_with_first_k_norm
+        _close(draft.block_states(ids[None], aux, STEPS + 1)[0, -1], first["normed"])

@@ -12,18 +12,24 @@ MAX_TTT_LENGTH = 64
 
 
 class DraftConfig(Section):
-    family: Literal["eagle3", "eagle3.1", "peagle"] = Field(
-        "eagle3", description="Draft family, all served by vLLM's LlamaForCausalLMEagle3: eagle3; eagle3.1 (aux "
-        "states normalized before fc, the post-norm state carried to the next step); peagle (P-EAGLE: steps after "
-        "the first drafted in one parallel pass from a learned mask state; served with parallel drafting)."
+    family: Literal["eagle3", "eagle3.1", "peagle", "dflash"] = Field(
+        "eagle3", description="Draft family: eagle3; eagle3.1 (aux states normalized before fc, the post-norm "
+        "state carried to the next step); peagle (P-EAGLE: steps after the first drafted in one parallel pass "
+        "from a learned mask state); the three are vLLM's LlamaForCausalLMEagle3. dflash (a block of ttt_length "
+        "mask tokens drafted in one pass by num_layers Qwen3 layers over the target's context states; vLLM's "
+        "DFlashDraftModel)."
+    )
+    num_layers: int = Field(
+        1, ge=1, description="dflash only: decoder layers of the draft (the EAGLE families have one). vLLM 0.32's "
+        "CPU build serves a multi-layer DFlash draft wrongly (every layer gets layer 0's k_norm): on CPU keep 1."
     )
     aux_norm: Literal["joint", "per_layer"] = Field(
         "joint", description="eagle3.1 only: one RMSNorm over the concatenated aux states (joint: vLLM's "
         "norm_before_fc) or one per aux layer (per_layer: vLLM's fc_norm)."
     )
     mask_token_id: Optional[int] = Field(
-        None, ge=0, description="peagle only: token id of the parallel slots; null: the target's pad token, else "
-        "its end-of-sequence token, else 0."
+        None, ge=0, description="peagle and dflash: token id of the parallel slots; null: the target's pad token, "
+        "else its end-of-sequence token, else 0."
     )
     intermediate_size: Optional[int] = Field(None, ge=1, description="Draft MLP width; null uses the target's.")
     num_attention_heads: Optional[int] = Field(None, ge=1, description="Draft heads; null uses the target's.")

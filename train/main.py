@@ -62,12 +62,17 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
     arch = DraftArch.from_target(tcfg, wanted, draft_vocab_size, dc.intermediate_size, dc.num_attention_heads,
                                  dc.num_key_value_heads)
     mask_token_id = default_mask_token_id(tcfg) if dc.mask_token_id is None else dc.mask_token_id
-    if dc.family == "peagle" and mask_token_id >= arch.vocab_size:
+    if dc.family in ("peagle", "dflash") and mask_token_id >= arch.vocab_size:
         raise UserError(f"train.draft.mask_token_id {mask_token_id} is outside the target's vocab of {arch.vocab_size}")
-    arch = replace(arch, **family_arch(dc.family, dc.aux_norm, mask_token_id))
+    arch = replace(arch, **family_arch(dc.family, dc.aux_norm, mask_token_id, dc.num_layers))
     target = TargetHead.from_target(target_dir, config.target.weights_prefix, dtype)
     torch.manual_seed(config.train.seed)
-    draft = Eagle3Draft(arch, target, TTTSettings.from_config(config.train, device), d2t)
+    if arch.family == "dflash":
+        from eaglecache.train.dflash import DFlashDraft
+
+        draft = DFlashDraft(arch, target, TTTSettings.from_config(config.train, device), d2t)
+    else:
+        draft = Eagle3Draft(arch, target, TTTSettings.from_config(config.train, device), d2t)
     draft.init_weights(config.train.seed)
     return draft, indices
 

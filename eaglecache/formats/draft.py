@@ -46,8 +46,16 @@ OUTPUT_NORM = "norm.weight"
 INPUT_NORM, FC_NORM = "input_norm.weight", "fc_norm.{}.weight"
 # P-EAGLE only: the learned state of the parallel slots, in pre-fc aux space [1, num_aux x target hidden]
 MASK_HIDDEN = "mask_hidden"
-# the draft families vLLM serves from this architecture
-FAMILIES = ("eagle3", "eagle3.1", "peagle")
+# the draft families: the first three are vLLM's LlamaForCausalLMEagle3, DFlash its own block model
+FAMILIES = ("eagle3", "eagle3.1", "peagle", "dflash")
+DFLASH_ARCHITECTURE = "DFlashDraftModel"  # vLLM 0.32: qwen3_dflash.DFlashQwen3ForCausalLM, method "dflash"
+# DFlash: the context states' norm (after fc) and each layer's tensors, ``layers.{i}.`` + these names
+DFLASH_HIDDEN_NORM = "hidden_norm.weight"
+DFLASH_LAYER_TENSORS = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+    "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
 # A reduced vocabulary only: its own LM head rows and the draft-to-target / target-to-draft id maps.
 LM_HEAD, D2T, T2D = "lm_head.weight", "d2t", "t2d"
 # What a full-vocab draft shares with the target and an export leaves out.
@@ -77,13 +85,14 @@ class DraftArch:
     family: str = "eagle3"
     aux_norm: str = "none"  # "none" | "joint" (one RMSNorm over the aux concat) | "per_layer" (one per aux state)
     norm_output: bool = False  # the next step reads the post-norm state (EAGLE 3.1), not the pre-norm one
-    mask_token_id: Optional[int] = None  # P-EAGLE: the token id of the parallel slots
+    mask_token_id: Optional[int] = None  # P-EAGLE and DFlash: the token id of the parallel slots
+    num_layers: int = 1  # decoder layers (DFlash may have several)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(out.pop("rope"))  # RoPE keys at the top level, as in an HF config
         if self.family == "eagle3":  # an EAGLE3 draft.json stays what releases before the families wrote
-            for key in ("family", "aux_norm", "norm_output", "mask_token_id"):
+            for key in ("family", "aux_norm", "norm_output", "mask_token_id", "num_layers"):
                 out.pop(key)
         return out
 
@@ -126,7 +135,7 @@ class DraftArch:
     @property
     def parallel(self) -> bool:
         """P-EAGLE: steps 1.. read the mask token and ``mask_hidden`` instead of the carried state."""
-        return self.mask_token_id is not None
+        return self.mask_token_id is not None and self.family != "dflash"
 
     @property
     def aux_width(self) -> int:
@@ -146,19 +155,24 @@ def default_mask_token_id(target: Mapping[str, Any]) -> int:
     return 0
 
 
-def family_arch(family: str, aux_norm: str = "joint", mask_token_id: Optional[int] = None) -> dict[str, Any]:
+def family_arch(family: str, aux_norm: str = "joint", mask_token_id: Optional[int] = None,
+                num_layers: int = 1) -> dict[str, Any]:
     """The DraftArch fields a family sets: EAGLE 3.1 normalizes the aux states (``aux_norm``: joint or
     per_layer) and carries the post-norm state; P-EAGLE drafts its steps 1.. in parallel from
-    ``mask_token_id``; EAGLE3 is the plain layer."""
+    ``mask_token_id``; DFlash drafts a block of mask tokens with ``num_layers`` layers; EAGLE3 is the
+    plain layer."""
     if family not in FAMILIES:
         raise ValueError(f"unknown draft family {family!r} (known: {', '.join(FAMILIES)})")
+    if family in ("peagle", "dflash") and mask_token_id is None:
+        raise ValueError(f"a {family} draft needs a mask token id")
+    base = {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": None, "num_layers": 1}
     if family == "eagle3.1":
-        return {"family": family, "aux_norm": aux_norm, "norm_output": True, "mask_token_id": None}
+        return base | {"aux_norm": aux_norm, "norm_output": True}
     if family == "peagle":
-        if mask_token_id is None:
-            raise ValueError("a P-EAGLE draft needs a mask token id")
-        return {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": int(mask_token_id)}
-    return {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": None}
+        return base | {"mask_token_id": int(mask_token_id)}
+    if family == "dflash":
+        return base | {"mask_token_id": int(mask_token_id), "num_layers": int(num_layers)}
+    return base
 
 
 def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
@@ -166,6 +180,8 @@ def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
 
     q/k/v read ``[input_layernorm(embed), hidden_norm(h)]`` (2 x hidden inputs); ``lm_head`` exists
     for a reduced vocabulary only."""
+    if arch.family == "dflash":
+        return _dflash_tensor_shapes(arch)
     hidden, inter = arch.hidden_size, arch.intermediate_size
     q_out, kv_out = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
     shapes: dict[str, tuple[int, ...]] = {}
@@ -194,6 +210,23 @@ def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _dflash_tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
+    """DFlash's tensors in vLLM's names (no ``model.`` prefix): fc and the context norm, then per layer a
+    Qwen3 decoder layer (q/k/v read the hidden size; per-head q/k norms), then the output norm."""
+    hidden, inter, head_dim = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    q_out, kv_out = arch.num_attention_heads * head_dim, arch.num_key_value_heads * head_dim
+    layer = dict(zip(DFLASH_LAYER_TENSORS, [
+        (hidden,), (q_out, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, q_out), (head_dim,), (head_dim,),
+        (hidden,), (inter, hidden), (inter, hidden), (hidden, inter)]))
+    shapes: dict[str, tuple[int, ...]] = {FC: (hidden, arch.aux_width), DFLASH_HIDDEN_NORM: (hidden,)}
+    for i in range(arch.num_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    shapes[OUTPUT_NORM] = (hidden,)
+    if arch.reduced_vocab:
+        shapes[LM_HEAD] = (arch.draft_vocab_size, hidden)
+    return shapes
+
+
 def initial_tensors(arch: DraftArch, seed: int) -> dict[str, torch.Tensor]:
     """HF Llama's init from one generator seeded ``seed``: N(0, initializer_range) matrices drawn in
     ``tensor_shapes`` order, unit RMSNorm weights. The trainer then starts the output norm and a reduced
@@ -208,6 +241,15 @@ def initial_tensors(arch: DraftArch, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def served_aux_layer_ids(config: Mapping[str, Any]) -> list[int]:
+    """The target layers (vLLM's aux ids: outputs after k layers) an exported draft's config.json reads:
+    EAGLE's ``eagle_aux_hidden_state_layer_ids``, or DFlash's ``dflash_config.target_layer_ids``, which
+    count HF-style from the first layer's output (vLLM adds 1)."""
+    if config.get("eagle_aux_hidden_state_layer_ids"):
+        return [int(i) for i in config["eagle_aux_hidden_state_layer_ids"]]
+    return [int(i) + 1 for i in (config.get("dflash_config") or {}).get("target_layer_ids") or []]
+
+
 def read_draft_dir(draft_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, export.json) of an exported draft directory, with one-line errors for anything else
     (export.json is {} for a draft exported by another tool)."""
@@ -215,7 +257,8 @@ def read_draft_dir(draft_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any
     if not (draft_dir / CONFIG_JSON).is_file() or not (draft_dir / WEIGHTS).is_file():
         raise UserError(f"{draft_dir} is not a draft directory (needs {CONFIG_JSON} and {WEIGHTS})")
     config = json.loads((draft_dir / CONFIG_JSON).read_text())
-    if ARCHITECTURE not in config.get("architectures", []):
-        raise UserError(f"{draft_dir}/{CONFIG_JSON} is not an EAGLE3 draft (architectures {config.get('architectures')})")
+    if not {ARCHITECTURE, DFLASH_ARCHITECTURE} & set(config.get("architectures") or []):
+        raise UserError(f"{draft_dir}/{CONFIG_JSON} is not an EAGLE3 or DFlash draft "
+                        f"(architectures {config.get('architectures')})")
     meta_path = draft_dir / EXPORT_JSON
     return config, (json.loads(meta_path.read_text()) if meta_path.is_file() else {})

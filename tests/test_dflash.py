@@ -1,0 +1,141 @@
+"""The DFlash loss and its gradients equal a plainly written reference (explicit loops over anchors and slots).
+
+The reference shares no code with train/: for each anchor (the last verified position t) it builds
+the block (token t + 1, then mask tokens), runs every layer one query at a time over the keys that
+query sees in vLLM's DFlash forward (the context keys of positions 0..t, made from
+hidden_norm(fc(aux)) by that layer's k/v projections, and all keys of the block), and takes the loss
+with full logits, slot k + 1 against the teacher of TTT step k.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eaglecache.formats.draft import DraftArch, family_arch
+from eaglecache.train.dflash import DFlashDraft
+from eaglecache.train.loader import shift_sample_tensors
+from eaglecache.train.target_head import TargetHead
+from eaglecache.train.ttt import TTTSettings
+
+H, HEADS, KV, D, INTER, VOCAB, NUM_AUX, LAYERS, MASK = 32, 4, 2, 8, 48, 50, 3, 8, 7
+THETA, EPS = 10000.0, 1e-5
+
+
+def make_draft(num_layers=2, draft_vocab=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    target = TargetHead(torch.randn(VOCAB, H, generator=gen), 1 + 0.1 * torch.randn(H, generator=gen),
+                        torch.randn(VOCAB, H, generator=gen) / math.sqrt(H), EPS, torch.float64)
+    arch = DraftArch(hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=KV,
+                     head_dim=D, rms_norm_eps=EPS, vocab_size=VOCAB, draft_vocab_size=draft_vocab or VOCAB,
+                     target_hidden_size=H, target_num_hidden_layers=LAYERS, aux_layer_ids=[2, 4, 5],
+                     max_position_embeddings=64, initializer_range=0.2, rope={"rope_theta": THETA},
+                     **family_arch("dflash", mask_token_id=MASK, num_layers=num_layers))
+    d2t = None
+    if draft_vocab:
+        d2t = torch.sort(torch.randperm(VOCAB, generator=gen)[:draft_vocab]).values - torch.arange(draft_vocab)
+    draft = DFlashDraft(arch, target, TTTSettings(), d2t)
+    draft.init_weights(seed)
+    with torch.no_grad():  # non-trivial norms, so their gradients are checked too
+        for p in draft.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return draft.double()
+
+
+def make_batch(batch=2, length=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    mask = (torch.rand(batch, length, generator=gen) < 0.7).to(torch.uint8)
+    mask[-1, -3:] = 0
+    aux = torch.randn(batch, length, NUM_AUX, H, generator=gen, dtype=torch.float64)
+    final = 3 * torch.randn(batch, length, H, generator=gen, dtype=torch.float64)
+    return ids, mask, aux, final
+
+
+def rms(x, w):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + EPS) * w
+
+
+def rope(x, pos):  # x [heads, d] at one position
+    inv = 1.0 / (THETA ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    ang = float(pos) * inv
+    cos, sin = torch.cat([ang.cos(), ang.cos()]).to(x.dtype), torch.cat([ang.sin(), ang.sin()]).to(x.dtype)
+    return x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+
+
+def reference_loss(draft, ids, mask, aux, final, steps, decay):
+    """(loss, correct per step, count per step) over the raw (unshifted) sample: anchor = raw position p."""
+    P = dict(draft.named_parameters())
+    tgt = draft.target
+    W = P.get("lm_head.weight", tgt.lm_head_weight)
+    draft_ids = draft.lm_head.draft_ids
+    batch, length = ids.shape
+    ce_sum, correct, count = [0.0] * steps, [0] * steps, [0] * steps
+    for b in range(batch):
+        context = [rms(aux[b, j].reshape(-1) @ P["fc.weight"].T, P["hidden_norm.weight"]) for j in range(length)]
+        # the shifted anchor t reads raw token t + 1 with the context of raw positions 0..t
+        for t in range(length):
+            block = [ids[b, t + 1] if t + 1 < length else torch.tensor(0)] + [torch.tensor(MASK)] * steps
+            h = [tgt.embed_weight[int(tok)] for tok in block]
+            for layer in range(draft.arch.num_layers):
+                L = lambda name: P[f"layers.{layer}.{name}"]  # noqa: E731
+                x = [rms(v, L("input_layernorm.weight")) for v in h]
+                q = [rope(rms((v @ L("self_attn.q_proj.weight").T).view(HEADS, D), L("self_attn.q_norm.weight")),
+                          t + 1 + s) for s, v in enumerate(x)]
+                keys = [rope(rms((c @ L("self_attn.k_proj.weight").T).view(KV, D), L("self_attn.k_norm.weight")), j)
+                        for j, c in enumerate(context[:t + 1])]
+                keys += [rope(rms((v @ L("self_attn.k_proj.weight").T).view(KV, D), L("self_attn.k_norm.weight")),
+                              t + 1 + s) for s, v in enumerate(x)]
+                values = [(c @ L("self_attn.v_proj.weight").T).view(KV, D) for c in context[:t + 1]]
+                values += [(v @ L("self_attn.v_proj.weight").T).view(KV, D) for v in x]
+                new_h = []
+                for s in range(len(block)):
+                    heads = []
+                    for head in range(HEADS):
+                        g = head // (HEADS // KV)
+                        att = torch.softmax(torch.stack([k[g] for k in keys]) @ q[s][head] / math.sqrt(D), 0)
+                        heads.append(att @ torch.stack([v[g] for v in values]))
+                    r = h[s] + torch.cat(heads) @ L("self_attn.o_proj.weight").T
+                    y = rms(r, L("post_attention_layernorm.weight"))
+                    m = F.silu(y @ L("mlp.gate_proj.weight").T) * (y @ L("mlp.up_proj.weight").T)
+                    new_h.append(r + m @ L("mlp.down_proj.weight").T)
+                h = new_h
+            for k in range(steps):  # slot k + 1 predicts raw token t + 2 + k
+                if not (t + k < length - 1 and mask[b, t + k]):
+                    continue
+                target_logits = rms(final[b, t + 1 + k], tgt.norm_weight) @ tgt.lm_head_weight.T
+                target_top = int(target_logits.argmax())
+                logq = torch.log_softmax(rms(h[k + 1], P["norm.weight"]) @ W.T, -1)
+                count[k] += 1
+                if draft_ids is None:
+                    correct[k] += int(int(logq.argmax()) == target_top)
+                    ce_sum[k] = ce_sum[k] - (torch.softmax(target_logits, -1) * logq).sum()
+                else:
+                    correct[k] += int(int(draft_ids[logq.argmax()]) == target_top)
+                    if target_top in draft_ids.tolist():
+                        ce_sum[k] = ce_sum[k] - (torch.softmax(target_logits[draft_ids], -1) * logq).sum()
+    loss = sum(decay ** k * ce_sum[k] / max(1, count[k]) for k in range(steps))
+    return loss, correct, count
+
+
+@pytest.mark.parametrize("num_layers,draft_vocab", [(1, None), (2, None), (2, 20)],
+                         ids=["one-layer", "two-layers", "two-layers-reduced-vocab"])
+def test_dflash_loss_and_gradients_match_the_plain_reference(num_layers, draft_vocab):
+    steps, decay = 3, 0.8
+    draft = make_draft(num_layers, draft_vocab)
+    raw = make_batch()
+    params = list(draft.parameters())
+    ref_loss, ref_correct, ref_count = reference_loss(draft, *raw, steps, decay)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    for checkpointing in (False, True):
+        draft.settings = TTTSettings(ttt_length=steps, ttt_decay=decay, loss_chunk_tokens=5,
+                                     gradient_checkpointing=checkpointing)
+        loss, stats = draft(*shift_sample_tensors(*raw))
+        grads = torch.autograd.grad(loss, params)
+        assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=1e-12), (loss, ref_loss)
+        assert stats[:, 1].tolist() == ref_correct and stats[:, 2].tolist() == ref_count
+        for (name, _), g, rg in zip(draft.named_parameters(), grads, ref_grads):
+            assert torch.allclose(g, rg, rtol=1e-8, atol=1e-10), (name, (g - rg).abs().max())
+    assert sum(ref_count) > 0 and ref_loss > 0
