@@ -36,7 +36,7 @@ import zarr
 from eaglecache.errors import UserError
 from eaglecache.formats.cache import (
     CACHE_FILE, FORMAT, PART_FILE, STATE_ARRAYS, VERSION, cache_document, fingerprint, is_fp8, new_part_record,
-    part_dir, read_cache_json, shard_name, shard_number,
+    parse_part_json, part_dir, read_cache_json, shard_name, shard_number,
 )
 from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
 from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_plain_chunk, write_shard_file
@@ -196,7 +196,7 @@ class PartWriter:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         path = self.dir / PART_FILE
         if path.exists():
-            self.record = json.loads(path.read_text())
+            self.record = parse_part_json(path, path.read_text())
             if self.record.get("cache_fingerprint") != fingerprint(metadata):
                 raise UserError(f"{self.dir}: written with other settings than {CACHE_FILE}; remove it to redo it")
         else:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eaglecache.formats.cache import fingerprint, read_cache_json
+from eaglecache.formats.cache import METADATA_KEYS, fingerprint, read_cache_json
 from eaglecache.precompute.cache_tools import run_info, run_verify
 from eaglecache.precompute.reader import open_cache
 from eaglecache.precompute.writer import PartWriter
@@ -30,7 +30,7 @@ def _bf16(bits: np.ndarray) -> torch.Tensor:
 def test_a_v1_cache_reads_the_samples_it_was_written_with(name):
     cache = open_cache(FIXTURES / "cache_v1" / name)
     codec, fp8 = make.CACHES[name]
-    assert cache.metadata == make.metadata(codec, fp8)
+    assert cache.metadata == make.metadata(codec, fp8) and set(cache.metadata) == set(METADATA_KEYS)
     assert list(cache.sample_ids) == STORED and cache.skipped == [
         {"sample_id": sid, "reason": reason} for sid, reason in make.SKIPPED.items()]
     assert len(cache.shard_paths) == 4  # two parts of two shards each

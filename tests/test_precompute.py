@@ -91,3 +91,9 @@ def test_two_jobs_read_as_one_equal_one_job(setup, one_job):
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.loss_mask, b.loss_mask)
         assert torch.equal(a.aux.view(torch.int16), b.aux.view(torch.int16)), f"sample {sample_id}"
         assert torch.equal(a.final.view(torch.int16), b.final.view(torch.int16)), f"sample {sample_id}"
+
+
+def test_the_recorded_metadata_has_exactly_the_format_keys(one_job):
+    from eaglecache.formats.cache import METADATA_KEYS
+
+    assert sorted(one_job.metadata) == sorted(METADATA_KEYS)
