@@ -129,9 +129,11 @@ def test_dflash_loss_and_gradients_match_the_plain_reference(num_layers, draft_v
     params = list(draft.parameters())
     ref_loss, ref_correct, ref_count = reference_loss(draft, *raw, steps, decay)
     ref_grads = torch.autograd.grad(ref_loss, params)
-    for checkpointing in (False, True):
+    for checkpointing, score_budget in ((False, None), (True, None), (False, 100)):
         draft.settings = TTTSettings(ttt_length=steps, ttt_decay=decay, loss_chunk_tokens=5,
                                      gradient_checkpointing=checkpointing)
+        for layer in draft.layers:  # a small budget: anchors attend in chunks of one or two
+            layer.self_attn.score_budget = score_budget or type(layer.self_attn).score_budget
         loss, stats = draft(*shift_sample_tensors(*raw))
         grads = torch.autograd.grad(loss, params)
         assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=1e-12), (loss, ref_loss)

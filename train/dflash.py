@@ -36,8 +36,26 @@ from eaglecache.train.target_head import TargetHead
 from eaglecache.train.ttt import TTTSettings, step_weights
 
 
+def _block_attention(q, ctx_k, ctx_v, k, v, first_anchor: int) -> torch.Tensor:
+    """Anchors first_anchor.. of q [B, C, S, kv, group, d] (pre-scaled) over the context keys ctx_k/ctx_v
+    [B, J, kv, d] (anchor t sees j <= t) and their own block's keys k/v [B, C, S, kv, d]."""
+    anchors, num_keys = q.shape[1], ctx_k.shape[1]
+    ctx_scores = torch.einsum("btsngd,bjnd->bngtsj", q, ctx_k)
+    anchor_ids = first_anchor + torch.arange(anchors, device=q.device)
+    visible = torch.arange(num_keys, device=q.device)[None, :] <= anchor_ids[:, None]  # [C, J]
+    ctx_scores = ctx_scores.masked_fill(~visible[:, None, :], float("-inf"))
+    block_scores = torch.einsum("btsngd,btund->bngtsu", q, k)
+    scores = torch.cat([ctx_scores, block_scores], dim=-1)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    return (torch.einsum("bngtsj,bjnd->btsngd", probs[..., :num_keys], ctx_v)
+            + torch.einsum("bngtsu,btund->btsngd", probs[..., num_keys:], v))
+
+
 class BlockAttention(nn.Module):
     """Qwen3 attention of the block's queries over the context keys before the anchor and the block's keys."""
+
+    # score elements (batch x heads x anchors x slots x keys) computed at once: 2**25 is 128 MiB in fp32
+    score_budget = 1 << 25
 
     def __init__(self, arch: DraftArch):
         super().__init__()
@@ -69,15 +87,18 @@ class BlockAttention(nn.Module):
         ctx_k, ctx_v = context_kv
         group = self.num_heads // self.num_kv_heads
         q = q.view(batch, length, slots, self.num_kv_heads, group, self.head_dim) / math.sqrt(self.head_dim)
-        # scores against the context (keys j <= t only) and against the anchor's own block (all slots)
-        ctx_scores = torch.einsum("btsngd,bjnd->bngtsj", q, ctx_k)
-        visible = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()  # [t, j]: j <= t
-        ctx_scores = ctx_scores.masked_fill(~visible[:, None, :], float("-inf"))
-        block_scores = torch.einsum("btsngd,btund->bngtsu", q, k)
-        scores = torch.cat([ctx_scores, block_scores], dim=-1)
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-        out = (torch.einsum("bngtsj,bjnd->btsngd", probs[..., :length], ctx_v)
-               + torch.einsum("bngtsu,btund->btsngd", probs[..., length:], v))
+        # anchors in chunks whose scores fit the budget; with gradients each chunk is recomputed in the
+        # backward pass, so the scores of only one chunk exist at a time (exact, as one pass)
+        chunk = max(1, self.score_budget // max(1, batch * self.num_heads * slots * length))
+        outs = []
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            args = (q[:, start:stop], ctx_k[:, :stop], ctx_v[:, :stop], k[:, start:stop], v[:, start:stop], start)
+            if torch.is_grad_enabled() and stop - start < length:
+                outs.append(checkpoint(_block_attention, *args, use_reentrant=False))
+            else:
+                outs.append(_block_attention(*args))
+        out = torch.cat(outs, dim=1)
         return self.o_proj(out.reshape(batch, length, slots, self.num_heads * self.head_dim))
 
 
