@@ -227,7 +227,8 @@ def speculators_step(d: dict, dtype: torch.dtype):
 
 def bench_train(steps: int = 3, seq: int = 2048, hidden: int = 1024, dtypes=("float32", "bfloat16"),
                 include_ours: bool = True) -> tuple[list[dict], dict]:
-    """Rows of (3): median step time of ``steps`` timed steps after one warm-up step, per model and dtype."""
+    """Rows of (3): median step time of ``steps`` timed steps after one warm-up step, per model and dtype;
+    the models' timed steps are interleaved."""
     d = _dims(hidden, seq)
     flops = step_flops(**d)
     versions = peer_versions()
@@ -242,19 +243,24 @@ def bench_train(steps: int = 3, seq: int = 2048, hidden: int = 1024, dtypes=("fl
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         peak = matmul_peak(dtype)[0]
+        step_fns = {}
         for name, (version, make) in models.items():
-            step = make(d, dtype)
-            step()  # warm-up: SpecForge compiles its RoPE and norm here
-            times = []
-            for _ in range(steps):
+            step_fns[name] = make(d, dtype)
+            step_fns[name]()  # warm-up: SpecForge compiles its RoPE and norm here
+        # timed steps round-robin over the models, so a change in the machine's load (it may be
+        # shared) falls on every model alike instead of on whichever ran last
+        times = {name: [] for name in models}
+        for _ in range(steps):
+            for name in models:
                 start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            step_s = statistics.median(times)
+                step_fns[name]()
+                times[name].append(time.perf_counter() - start)
+        for name, (version, _) in models.items():
+            step_s = statistics.median(times[name])
             rows.append({"model": name, "version": version, "dtype": dtype_name, "step_s": step_s,
                          "tokens_per_s": d["seq"] * d["batch"] / step_s, "mfu": flops / step_s / peak,
                          "peak_gflops": peak / 1e9})
-            del step
+        del step_fns
         peak_after = matmul_peak(dtype)[0]
         for row in rows:
             if row["dtype"] == dtype_name:  # the higher of the two peaks, as bench_train does
