@@ -203,7 +203,7 @@ def _writer_only(codec: str, gb: float, directory: Path) -> dict[str, float]:
 
 def bytes_per_token(cache_path: Path, work: Path) -> list[tuple[str, float]]:
     """Rewrite the real states of a cache with each codec; bytes on disk per token."""
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
     from eaglecache.precompute.writer import PartWriter
 
     source = open_cache(cache_path)
@@ -241,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from eaglecache.config import load_config
-    from eaglecache.precompute.shardmeta import use_fast_codec_pipeline
+    from eaglecache.formats.shard_meta import use_fast_codec_pipeline
     from eaglecache.target import resolve_target, target_config
 
     # shards of 1/8 of the data, so that writing overlaps the prefill as it does in a long run

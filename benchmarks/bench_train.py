@@ -111,7 +111,7 @@ def child(args) -> dict:
                        "MASTER_PORT": str(args.port), "DS_ACCELERATOR": "cpu"})
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from eaglecache.config import load_config
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
     from eaglecache.train.deepspeed_engine import init_distributed
     from eaglecache.train.main import train
 

@@ -127,7 +127,7 @@ def zarr_reader(path: Path):
     """The read path before issue 15, kept as a row: zarr arrays of each shard (zarrs codec pipeline)."""
     import zarr
 
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
 
     cache = open_cache(path)
     groups = {}
@@ -146,7 +146,7 @@ def zarr_reader(path: Path):
 def readers(layouts: dict[str, Path]) -> list[tuple[str, str, Path, object, bool]]:
     """(name, version label, files read, read(sample_id) -> tokens, also in stored order) per reader present;
     a ``read`` with a ``prefetch`` attribute is given the next samples' ids ahead of time."""
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
 
     out = []
     for key, path in layouts.items():

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.bits import BF16_EXPONENT, checksum
+from eaglecache.formats.bits import BF16_EXPONENT, checksum
 from eaglecache.formats.cache import (
     CACHE_FILE, FORMAT, PART_FILE, SHARD_DOCS_GLOB, STATE_ARRAYS, VERSION, is_fp8, metadata_bytes_per_token,
     missing_parts, read_cache_json, shard_shapes,
 )
-from eaglecache.precompute.reader import CacheFiles, is_url, open_cache, read_parts
-from eaglecache.precompute.shardmeta import use_fast_codec_pipeline
+from eaglecache.formats.cache_reader import CacheFiles, is_url, open_cache, read_parts
+from eaglecache.formats.shard_meta import use_fast_codec_pipeline
 from eaglecache.precompute.writer import write_json_atomic
 
 FP8_NAN = 0x7F  # e4m3fn has no Inf; NaN is S.1111.111

@@ -28,7 +28,7 @@ TB = 1e12
 
 def measured_codec_ratio(cache_path: str) -> tuple[str, float]:
     """(codec, raw bytes / bytes on disk) of an existing cache, from the sizes its parts recorded."""
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
 
     cache = open_cache(cache_path, allow_partial=True)
     meta = cache.metadata

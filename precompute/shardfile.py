@@ -11,7 +11,7 @@ inner chunks one after another in chunk order, each the ``bytes``-codec (little-
 image of a full ``chunk_shape`` block (the edge block padded with the fill value), then the
 index: for every inner chunk (offset, nbytes) as little-endian uint64, followed by the
 CRC-32C of those index bytes. The array's metadata (``zarr.json``) comes from zarr itself
-(precompute/shardmeta.py), and tests check the file is byte-identical to the one zarr writes for
+(eaglecache/formats/shard_meta.py), and tests check the file is byte-identical to the one zarr writes for
 the same data. Only arrays chunked along the first axis (whole rows per chunk) take this path,
 which is every per-token array of the cache; the shard's two small index arrays are one plain
 chunk each (``write_plain_chunk``).

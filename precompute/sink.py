@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eaglecache.precompute.bits import all_finite
+from eaglecache.formats.bits import all_finite
 from eaglecache.precompute.writer import PartWriter
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ Bits are kept exactly: bf16 states are stored as their uint16 bits (zarr has no
 bfloat16). Every array uses zarr's sharding codec with one shard per array
 (one file) and inner chunks of ``chunk_tokens`` tokens, so a read touches only
 the chunks of the sample it wants. A shard's metadata documents are zarr's own,
-made once per layout (precompute/shardmeta.py); uncompressed arrays' files are
+made once per layout (eaglecache/formats/shard_meta.py); uncompressed arrays' files are
 written straight from the buffer (precompute/shardfile.py), compressed ones by
-zarr(s). Reading is precompute/reader.py.
+zarr(s). Reading is eaglecache/formats/cache_reader.py.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from eaglecache.formats.cache import (
     CACHE_FILE, FORMAT, PART_FILE, STATE_ARRAYS, VERSION, cache_document, fingerprint, is_fp8, new_part_record,
     parse_part_json, part_dir, read_cache_json, shard_name, shard_number,
 )
-from eaglecache.precompute.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
+from eaglecache.formats.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
 from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_plain_chunk, write_shard_file
-from eaglecache.precompute.shardmeta import shard_documents, use_fast_codec_pipeline, write_documents
+from eaglecache.formats.shard_meta import shard_documents, use_fast_codec_pipeline, write_documents
 
 def write_json_atomic(path: Path, obj: Any, compact: bool = False) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""

@@ -62,7 +62,7 @@ def select_conversations(target_dir: Path, num_conversations: int, output: Path)
 
 
 def _cache_complete(path: Path) -> bool:
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
 
     try:
         open_cache(path)

@@ -100,7 +100,7 @@ def random_feature_samples(num, *, hidden, vocab, num_aux=3, seed=0, min_len=5, 
     import numpy as np
     import torch
 
-    from eaglecache.precompute.reader import Sample
+    from eaglecache.formats.cache_reader import Sample
 
     gen = torch.Generator().manual_seed(seed)
     samples = []

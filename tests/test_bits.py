@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eaglecache.precompute.bits import all_finite
+from eaglecache.formats.bits import all_finite
 
 
 def test_all_finite_agrees_with_torch_on_every_bf16_bit_pattern():

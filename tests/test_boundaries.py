@@ -27,14 +27,6 @@ ALLOWED_CROSS_STAGE = {
     # held-out prompts and the demo's conversations come from the ShareGPT reader (the one exception)
     ("serve/prompts.py", "eaglecache.data.sharegpt"),
     ("serve/demo.py", "eaglecache.data.sharegpt"),
-    # the feature cache's reader (FeatureCache: ranged shard reads, S3, prefetch) still lives with its writer in
-    # precompute/; eaglecache.formats.cache holds the cache's names and documents but not this reader
-    ("train/ablate.py", "eaglecache.precompute.reader"),
-    ("train/launch.py", "eaglecache.precompute.reader"),
-    ("train/main.py", "eaglecache.precompute.reader"),
-    ("train/online.py", "eaglecache.precompute.reader"),
-    # the demo drives every stage and asks whether its cache is complete the way train will open it
-    ("serve/demo.py", "eaglecache.precompute.reader"),
 }
 # Root glue that names stages: the config schema composes each stage's section, the command line registers
 # each stage's commands, the embedded tiny target's corpus is ShareGPT read by data's reader.

@@ -8,7 +8,7 @@ import torch
 
 from eaglecache.precompute.run import split_parts
 from eaglecache.precompute.sink import Extracted, StateSink
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 from eaglecache.precompute.cache_tools import run_info, run_verify
 

@@ -11,7 +11,7 @@ import torch
 
 from eaglecache.formats.cache import METADATA_KEYS, fingerprint, read_cache_json
 from eaglecache.precompute.cache_tools import run_info, run_verify
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.precompute.writer import PartWriter
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 
 pytestmark = pytest.mark.slow
 

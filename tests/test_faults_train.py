@@ -31,7 +31,7 @@ import torch
 
 from eaglecache.config import load_config
 from eaglecache.errors import UserError
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.formats.run import COMMIT, committed_steps, tag_of
 from eaglecache.train.checkpoint import _file_checksums, checkpoint_problem
 from test_train_equivalence import TINY_RUN, feature_samples, fp32_weights, losses, write_feature_cache

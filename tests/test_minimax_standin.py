@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from eaglecache.config import PACKAGED_CONFIGS, load_config
 from eaglecache.errors import UserError
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 from eaglecache.target import target_config, weights_hash
 

@@ -47,7 +47,7 @@ def test_plan_without_sizes_is_a_clear_error(capsys):
 
 
 def test_plan_measures_the_codec_ratio_on_a_real_cache(capsys, tiny_cache):
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
 
     assert main(["plan", "--num-samples", "1000", "--mean-tokens", "100", "--cache", str(tiny_cache)]) == 0
     out = capsys.readouterr().out

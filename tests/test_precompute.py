@@ -9,7 +9,7 @@ from eaglecache.config import load_config
 from eaglecache.dtypes import TORCH_DTYPES
 from eaglecache.data.writer import write_dataset
 from eaglecache.formats.dataset import open_dataset
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 
 pytestmark = pytest.mark.slow
 

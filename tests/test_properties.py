@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from eaglecache.precompute.reader import Sample
+from eaglecache.formats.cache_reader import Sample
 from eaglecache.train.loader import InMemoryFeatures, SamplePlan, StreamingLoader
 from eaglecache.train.metrics import decode_walk
 from eaglecache.train.ttt import TTTSettings, step_weights

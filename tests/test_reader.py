@@ -1,12 +1,12 @@
-"""The cache's direct shard reader (precompute/shardread.py) against zarr's own reading of the same files."""
+"""The cache's direct shard reader (eaglecache/formats/shard_reader.py) against zarr's own reading of the same files."""
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from eaglecache.precompute import shardread
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats import shard_reader as shardread
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 
 A, H = 3, 24
@@ -171,7 +171,7 @@ def test_a_cache_in_s3_reads_the_same_bytes_by_ranged_reads(tmp_path, monkeypatc
 def test_the_loader_hints_every_micro_batch_it_queues_and_its_batches_do_not_change(tmp_path, monkeypatch):
     import threading
 
-    from eaglecache.precompute.reader import FeatureCache
+    from eaglecache.formats.cache_reader import FeatureCache
     from eaglecache.train.loader import SamplePlan, StreamingLoader
 
     cache = _write_cache(tmp_path, codec="zstd", num_samples=16, seed=6)

@@ -24,7 +24,7 @@ import torch
 
 from eaglecache.cli import main
 from eaglecache.config import load_config
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

@@ -10,7 +10,7 @@ import os
 
 from eaglecache.precompute import shardfile
 from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_shard_file
-from eaglecache.precompute.shardmeta import use_fast_codec_pipeline
+from eaglecache.formats.shard_meta import use_fast_codec_pipeline
 
 
 def _doc(array) -> dict:

@@ -8,7 +8,7 @@ import zarr
 
 from eaglecache.formats import cache as cache_format
 from eaglecache.precompute import writer
-from eaglecache.precompute.shardmeta import CHUNK_KEY_ENCODING, compressors, shard_shape
+from eaglecache.formats.shard_meta import CHUNK_KEY_ENCODING, compressors, shard_shape
 
 
 def _arrays(lengths, num_aux=2, hidden=24, seed=0):

@@ -21,7 +21,7 @@ import pytest
 from test_faults_precompute import compare
 from test_train_equivalence import TINY_RUN, fp32_weights, losses
 from eaglecache.formats.cache import PART_FILE, part_dir
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.formats.run import committed_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]

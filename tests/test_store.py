@@ -9,8 +9,8 @@ import torch
 import zarr
 
 from eaglecache.errors import UserError
-from eaglecache.precompute.bits import checksum
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.bits import checksum
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.formats.cache import CACHE_FILE
 from eaglecache.precompute.writer import PartWriter, create_or_check_cache, write_json_atomic
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from conftest import random_feature_samples, write_cache_parts
 from eaglecache.config import load_config
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.target import target_config, weights_hash
 from eaglecache.train.loader import InMemoryFeatures
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_feature_samples, write_cache_parts
 from eaglecache.errors import UserError
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 from eaglecache.train.loader import InMemoryFeatures, SamplePlan, StreamingLoader
 
 HIDDEN, NUM_AUX = 8, 3

@@ -15,7 +15,7 @@ import torch
 
 from eaglecache.config import load_config
 from eaglecache.dtypes import TORCH_DTYPES
-from eaglecache.precompute.reader import open_cache
+from eaglecache.formats.cache_reader import open_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

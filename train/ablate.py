@@ -91,7 +91,7 @@ def code_version() -> str:
 
 
 def cache_fingerprint(cache_dir: str) -> str:
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
 
     return hashlib.sha256(json.dumps(open_cache(cache_dir).metadata, sort_keys=True).encode()).hexdigest()
 
@@ -134,7 +134,7 @@ def run_ablate(config, *, cache: str, output: str | Path, grid: dict[str, list[A
     """Train every variant of ``grid`` (``parse_grid``) over ``config`` from one ``cache`` into ``output``,
     skipping finished ones; writes the results table and plots. ``overwrite`` as `--overwrite`."""
     from eaglecache import outputs
-    from eaglecache.precompute.reader import is_url
+    from eaglecache.formats.cache_reader import is_url
     from eaglecache.train.ablation_report import write_report
 
     outputs.claim_output(output, overwrite, "ablate", outputs.ablation)

@@ -45,7 +45,7 @@ def check_inputs(config, *, cache: Optional[str], data: Optional[str], vocab: Op
 
     tc = config.train
     if tc.source == "cache":
-        from eaglecache.precompute.reader import open_cache
+        from eaglecache.formats.cache_reader import open_cache
 
         if not cache:
             raise UserError("train.source=cache needs --cache DIR (a feature cache from `eaglecache precompute`)")
@@ -111,7 +111,7 @@ def master_port(launcher) -> int:
 
 def launcher_command(config, run_dir: Path, port: int, *, cache: Optional[str] = None, data: Optional[str] = None,
                      vocab: Optional[str] = None) -> list[str]:
-    from eaglecache.precompute.reader import is_url
+    from eaglecache.formats.cache_reader import is_url
 
     lc = config.train.launcher
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(lc.num_gpus),

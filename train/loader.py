@@ -1,7 +1,7 @@
 """The streaming loader: which samples each rank trains on at each step, read ahead in background threads.
 
 A *feature source* is anything with the reader API of docs/formats.md section 2
-(``eaglecache.precompute.reader.FeatureCache``, ``InMemoryFeatures`` below, or the
+(``eaglecache.formats.cache_reader.FeatureCache``, ``InMemoryFeatures`` below, or the
 online source in train/online.py): ``.metadata``, ``.sample_ids``,
 ``.num_tokens(sample_id)`` and ``.read(sample_id) -> Sample``.
 

@@ -152,7 +152,7 @@ def open_source(config, cache: Optional[str], data: Optional[str], target_dir: P
         if not data:
             raise UserError("train.source=online needs --data (a prepared data set)")
         return OnlineFeatures(data, target_dir, config, device)
-    from eaglecache.precompute.reader import open_cache
+    from eaglecache.formats.cache_reader import open_cache
 
     if not cache:
         raise UserError("train.source=cache needs --cache (a feature cache from `eaglecache precompute`)")

@@ -72,7 +72,7 @@ class OnlineFeatures:
 
     @torch.no_grad()
     def read(self, sample_id: int):
-        from eaglecache.precompute.reader import Sample
+        from eaglecache.formats.cache_reader import Sample
 
         with self._lock:
             row = self.dataset.sample(int(sample_id))

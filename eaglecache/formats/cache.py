@@ -5,7 +5,7 @@ precompute job (a *part*, ``part-IIIII-of-NNNNN``) with its manifest ``part.json
 groups it committed (*shards*, ``shard-SSSSS.zarr``), plus the part's lock file beside it. This
 module owns those names, the metadata keys, the reading and validation of cache.json and
 part.json, the fingerprint that ties a part to its cache, and the bytes one token takes. The
-writer is precompute/writer.py, the reader precompute/reader.py; both import the layout from here.
+writer is precompute/writer.py, the reader eaglecache/formats/cache_reader.py; both import the layout from here.
 """
 
 from __future__ import annotations

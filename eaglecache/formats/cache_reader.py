@@ -3,7 +3,7 @@
 The layout is eaglecache/formats/cache.py and the writer precompute/writer.py; this module only reads:
 opening checks the format version and the parts, builds the sample index from
 the part manifests (no array data), and ``read(sample_id)`` reads just the
-bytes of that sample's chunks, straight from the shard files (precompute/shardread.py;
+bytes of that sample's chunks, straight from the shard files (eaglecache/formats/shard_reader.py;
 zarr itself for a layout that module does not decode).
 
 A cache is read from a local (or shared) filesystem path, or from any URL fsspec
@@ -36,9 +36,9 @@ from eaglecache.errors import UserError
 from eaglecache.formats.cache import (
     CACHE_FILE, PART_FILES_GLOB, STATE_ARRAYS, fingerprint, is_fp8, missing_parts, parse_part_json, read_cache_json,
 )
-from eaglecache.precompute.bits import bits_to_bf16, dequantize_fp8
-from eaglecache.precompute.shardmeta import consolidated_metadata, use_fast_codec_pipeline
-from eaglecache.precompute.shardread import ShardArrays
+from eaglecache.formats.bits import bits_to_bf16, dequantize_fp8
+from eaglecache.formats.shard_meta import consolidated_metadata, use_fast_codec_pipeline
+from eaglecache.formats.shard_reader import ShardArrays
 
 
 @dataclass
