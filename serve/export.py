@@ -31,7 +31,7 @@ from eaglecache.formats.draft import (ARCHITECTURE, CONFIG_JSON, D2T, DFLASH_ARC
                                       DFLASH_LAYER_TENSORS, EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, FC,
                                       FC_NORM, INPUT_NORM, LM_HEAD, MASK_HIDDEN, MODEL_CARD, OUTPUT_NORM,
                                       REQUIRED_TENSORS, ROPE_KEYS, SHARED_WITH_TARGET, T2D, WEIGHTS, DraftArch,
-                                      initial_tensors)
+                                      initial_tensors, served_aux_layer_ids)
 from eaglecache.serve.card import render_model_card
 from eaglecache.serve.vllm_engine import speculative_config
 from eaglecache.target import default_aux_layer_ids, file_sha256, read_head_tensors, target_config
@@ -169,13 +169,15 @@ def select_draft_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[st
     """The tensors vLLM should load, in bf16 (d2t int64, t2d bool), checked against the config."""
     names = {name.removeprefix("model."): t for name, t in tensors.items()}
     if DFLASH_ARCHITECTURE in config.get("architectures", []):
-        return _select_dflash_tensors(names, config, target_norm)
-    required = REQUIRED_TENSORS + family_tensors(config)
+        required = [FC, DFLASH_HIDDEN_NORM] + [f"layers.{i}.{name}" for i in range(int(config["num_hidden_layers"]))
+                                               for name in DFLASH_LAYER_TENSORS]
+    else:
+        required = list(REQUIRED_TENSORS + family_tensors(config))
     missing = [n for n in required if n not in names]
     if missing:
-        raise UserError(f"draft weights lack {', '.join(missing)}")
+        raise UserError(f"draft weights lack {', '.join(missing[:5])}")
     hidden, vocab, draft_vocab = config["hidden_size"], config["vocab_size"], config["draft_vocab_size"]
-    aux_width = config["target_hidden_size"] * len(config["eagle_aux_hidden_state_layer_ids"])
+    aux_width = config["target_hidden_size"] * len(served_aux_layer_ids(config))
     if tuple(names[FC].shape) != (hidden, aux_width):
         raise UserError(f"fc.weight has shape {tuple(names['fc.weight'].shape)}, expected {(hidden, aux_width)}")
     out = {n: names[n].to(torch.bfloat16).contiguous() for n in required}
@@ -201,31 +203,6 @@ def select_draft_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[st
         dropped = [n for n in SHARED_WITH_TARGET if n in names]
         if dropped:
             log.info("full-vocab draft: leaving out %s (shared with the target)", ", ".join(dropped))
-    return out
-
-
-def _select_dflash_tensors(names: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                           target_norm: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """A DFlash draft's tensors (eaglecache/formats/draft.py ``_dflash_tensor_shapes``), checked by shape."""
-    layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
-    required = [FC, DFLASH_HIDDEN_NORM] + [f"layers.{i}.{n}" for i in range(layers) for n in DFLASH_LAYER_TENSORS]
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise UserError(f"DFlash draft weights lack {', '.join(missing[:5])}")
-    aux_width = int(config["target_hidden_size"]) * len(config["dflash_config"]["target_layer_ids"])
-    if tuple(names[FC].shape) != (hidden, aux_width):
-        raise UserError(f"fc.weight has shape {tuple(names[FC].shape)}, expected {(hidden, aux_width)}")
-    out = {n: names[n].to(torch.bfloat16).contiguous() for n in required}
-    norm = names.get(OUTPUT_NORM, target_norm)
-    if norm is None:
-        raise UserError("draft weights lack norm.weight and no target norm was given")
-    out[OUTPUT_NORM] = norm.to(torch.bfloat16).contiguous()
-    if int(config["draft_vocab_size"]) < int(config["vocab_size"]):
-        for name in (LM_HEAD, D2T):
-            if name not in names:
-                raise UserError(f"reduced-vocab draft lacks {name}")
-        out[LM_HEAD] = names[LM_HEAD].to(torch.bfloat16).contiguous()
-        out[D2T] = names[D2T].to(torch.int64).contiguous()
     return out
 
 

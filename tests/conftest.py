@@ -128,3 +128,22 @@ def write_cache_parts(path, samples, meta):
             writer.add(s.sample_id, s.input_ids, s.loss_mask, s.aux, s.final)
         writer.close()
     return path
+
+
+def reference_rms(x, weight, eps):
+    """RMSNorm written out, for the plain-loop references of the losses."""
+    import torch
+
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def reference_rope(x, position, theta):
+    """RoPE of x [heads, d] at one position, rotate-half style, angles in fp32 as HF and vLLM compute them."""
+    import torch
+
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angle = float(position) * inv
+    cos = torch.cat([angle.cos(), angle.cos()]).to(x.dtype)
+    sin = torch.cat([angle.sin(), angle.sin()]).to(x.dtype)
+    return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * sin

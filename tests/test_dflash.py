@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import reference_rms, reference_rope
 from eaglecache.formats.draft import DraftArch, family_arch
 from eaglecache.train.dflash import DFlashDraft
 from eaglecache.train.loader import shift_sample_tensors
@@ -55,14 +56,11 @@ def make_batch(batch=2, length=8, seed=1):
 
 
 def rms(x, w):
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + EPS) * w
+    return reference_rms(x, w, EPS)
 
 
-def rope(x, pos):  # x [heads, d] at one position
-    inv = 1.0 / (THETA ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    ang = float(pos) * inv
-    cos, sin = torch.cat([ang.cos(), ang.cos()]).to(x.dtype), torch.cat([ang.sin(), ang.sin()]).to(x.dtype)
-    return x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+def rope(x, pos):
+    return reference_rope(x, pos, THETA)
 
 
 def reference_loss(draft, ids, mask, aux, final, steps, decay):

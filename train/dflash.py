@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from eaglecache.formats.draft import LM_HEAD, DraftArch, initial_tensors, tensor_shapes
-from eaglecache.train.draft import MLP, RMSNorm, Rotary, apply_rotary
+from eaglecache.formats.draft import DraftArch
+from eaglecache.train.draft import MLP, RMSNorm, Rotary, apply_rotary, check_format_names, init_from_format
 from eaglecache.train.loss import LMHeadLoss
 from eaglecache.train.metrics import decode_walk
 from eaglecache.train.target_head import TargetHead
@@ -135,20 +135,10 @@ class DFlashDraft(nn.Module):
         self.rotary = Rotary(arch)
         self.target = target
         self.lm_head = LMHeadLoss(arch, target, d2t)
-        shapes = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        if shapes != tensor_shapes(arch):  # what export writes and vLLM loads is these names
-            raise AssertionError(f"draft parameters {shapes} differ from the draft format's tensors")
+        check_format_names(self)
 
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """The draft format's initial tensors; the output norm starts as the target's final norm and a
-        reduced LM head as the target's rows, as for EAGLE3 (train/draft.py)."""
-        initial = initial_tensors(self.arch, seed)
-        for name, param in self.named_parameters():
-            if name != LM_HEAD:
-                param.copy_(initial[name])
-        self.norm.weight.copy_(self.target.norm_weight.float())
-        self.lm_head.init_from_target()
+        init_from_format(self, seed)
 
     def combine(self, aux: torch.Tensor) -> torch.Tensor:
         """vLLM's ``combine_hidden_states`` for DFlash: fc alone (the norm comes with the context keys)."""

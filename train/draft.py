@@ -152,6 +152,27 @@ class MidLayer(nn.Module):
         return residual + self.mlp(self.post_attention_layernorm(residual)), cache
 
 
+def check_format_names(draft: nn.Module) -> None:
+    """A draft's parameters are the draft format's tensors, by name and shape: export writes them and
+    vLLM loads them under these names."""
+    shapes = {name: tuple(p.shape) for name, p in draft.named_parameters()}
+    if shapes != tensor_shapes(draft.arch):
+        raise AssertionError(f"draft parameters {shapes} differ from the draft format's tensors")
+
+
+@torch.no_grad()
+def init_from_format(draft: nn.Module, seed: int) -> None:
+    """The draft format's initial tensors (HF Llama init), except that the output norm starts as the
+    target's final norm and a reduced LM head as the target's rows: the LM head reads the draft's
+    normed state as if it were the target's."""
+    initial = initial_tensors(draft.arch, seed)
+    for name, param in draft.named_parameters():
+        if name != LM_HEAD:
+            param.copy_(initial[name])
+    draft.norm.weight.copy_(draft.target.norm_weight.float())
+    draft.lm_head.init_from_target()
+
+
 class Eagle3Draft(nn.Module):
     """The trainable draft plus the frozen target head; ``forward`` returns the TTT loss and stats."""
 
@@ -173,21 +194,10 @@ class Eagle3Draft(nn.Module):
         self.rotary = Rotary(arch)
         self.target = target
         self.lm_head = LMHeadLoss(arch, target, d2t)
-        shapes = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        if shapes != tensor_shapes(arch):  # what export writes and vLLM loads is these names
-            raise AssertionError(f"draft parameters {shapes} differ from the draft format's tensors")
+        check_format_names(self)
 
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """The draft format's initial tensors (HF Llama init), except that the output norm starts as the
-        target's final norm and a reduced LM head as the target's rows: the LM head reads the draft's
-        normed state as if it were the target's."""
-        initial = initial_tensors(self.arch, seed)
-        for name, param in self.named_parameters():
-            if name != LM_HEAD:
-                param.copy_(initial[name])
-        self.norm.weight.copy_(self.target.norm_weight.float())
-        self.lm_head.init_from_target()
+        init_from_format(self, seed)
 
     def combine(self, aux: torch.Tensor) -> torch.Tensor:
         """The layer's input state from aux states [..., A*H_t]: vLLM's ``combine_hidden_states``."""
