@@ -32,6 +32,9 @@ class Section(BaseModel):
 
     # fields that never change what a stage writes; each section says why next to its list
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ()
+    # fields added after a release: they enter the identity only when set off their default, so an
+    # artifact made before they existed keeps its fingerprint (and a run of that release resumes)
+    IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ()
 
     def identity(self, drop: tuple[str, ...] = ()) -> dict[str, Any]:
         """The settings that identify what this section produces: all fields but RUNTIME_ONLY (and ``drop``)."""
@@ -40,6 +43,9 @@ class Section(BaseModel):
             if name in self.RUNTIME_ONLY or name in drop:
                 continue
             value = getattr(self, name)
+            if name in self.IDENTITY_WHEN_SET and value == type(self).model_fields[name].get_default(
+                    call_default_factory=True):
+                continue
             out[name] = value.identity() if isinstance(value, Section) else self.model_dump(
                 mode="json", include={name})[name]
         return out

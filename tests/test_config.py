@@ -204,3 +204,18 @@ def test_where_the_server_listens_is_not_part_of_a_bench_result():
     assert base.fingerprint("target", "serve") == moved.fingerprint("target", "serve")
     assert base.fingerprint("target", "serve") != load_config(None, ["serve.max_new_tokens=7"]).fingerprint(
         "target", "serve")
+
+
+def test_a_run_of_the_previous_release_keeps_its_fingerprint():
+    """Settings added since (the draft families) enter the identity only when set off their default, so the
+    run directory written by release 95dabc5 (tests/fixtures/run_v1) still matches its config: it resumes."""
+    import json
+
+    from eaglecache.train.checkpoint import run_fingerprint
+
+    run = Path(__file__).parent / "fixtures" / "run_v1"
+    recorded = json.loads((run / "run.json").read_text())["config_hash"]
+    config = load_config(run / "config.yaml")
+    assert run_fingerprint(config) == recorded
+    config.train.draft.family = "dflash"
+    assert run_fingerprint(config) != recorded

@@ -41,6 +41,9 @@ class DraftConfig(Section):
 
     _aux_order = field_validator("aux_layer_ids")(strictly_ascending)
 
+    # the draft families came after the first release: an EAGLE3 run of that release keeps its fingerprint
+    IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("family", "aux_norm", "mask_token_id", "num_layers")
+
 
 class LauncherConfig(Section):
     num_gpus: int = Field(2, ge=1, description="Processes per node (GPUs, or CPU ranks with DS_ACCELERATOR=cpu).")
