@@ -2,7 +2,7 @@
 
 The real trainer (``eaglecache.train.main.train``: DeepSpeed ZeRO-3 engine, the
 streaming loader over a Zarr cache written by precompute's writer, the TTT loss)
-runs in a child process per dtype, at design-notes section 10's dimensions:
+runs in a child process per dtype, at the dimensions of a small production-like draft:
 hidden 1024, intermediate 2816, 8 heads / 2 KV heads (head 128), vocab 8192,
 sequence 2048, TTT 7, batch 1. Features and the frozen head are random (speed
 does not depend on their values).
@@ -42,7 +42,8 @@ DIMS = dict(hidden=1024, intermediate=2816, heads=8, kv_heads=2, vocab=8192, seq
 
 
 def step_flops(hidden, intermediate, heads, kv_heads, vocab, seq, ttt, batch) -> float:
-    """FLOPs of one training step, counted as design-notes section 10 states."""
+    """FLOPs of one training step: 2 per multiply-add of every matmul (fc once; per TTT step q/k/v/o, the MLP,
+    the LM head and causal attention over the sequence, plus the extra keys of earlier steps), backward 2x forward."""
     n, d = batch * seq, hidden // heads
     per_step = (2 * n * (2 * hidden * (heads + 2 * kv_heads) * d + heads * d * hidden
                          + 3 * hidden * intermediate + hidden * vocab) + 4 * batch * heads * seq * seq * d)
