@@ -3,7 +3,7 @@
 Both sides run as a user runs them, each in its own processes, on the same tiny target, the same
 prepared data (token ids and loss masks) and the same layers (aux ids + the final pre-norm state):
 
-- ours: ``eaglecache precompute --input DATA --output CACHE`` (lossless: bf16 + zstd level 1;
+- ours: ``eaglecache precompute --data DATA --output CACHE`` (lossless: bf16 + zstd level 1;
   FP8: ``precompute.fp8=true``);
 - speculators: ``vllm serve TARGET`` with the ``extract_hidden_states`` method and the peer's
   connector (lossless: vLLM's ``ExampleHiddenStatesConnector``, which stores the target's compute
@@ -106,7 +106,7 @@ def _engine_env() -> dict:
 def run_ours(data: Path, target: Path, out: Path, aux: list[int], fp8: bool, num_samples: int,
              tokens: int) -> dict:
     """`eaglecache precompute` in a subprocess; the steady rate from its summary line."""
-    cmd = [sys.executable, "-m", "eaglecache.cli", "precompute", "--input", str(data), "--output", str(out),
+    cmd = [sys.executable, "-m", "eaglecache.cli", "precompute", "--data", str(data), "--output", str(out),
            f"target.path={target}", f"precompute.aux_layer_ids={json.dumps(aux)}", f"precompute.fp8={str(fp8).lower()}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_engine_env())
