@@ -14,7 +14,7 @@ class DemoConfig(Section):
 
 
 class ServeConfig(Section):
-    num_speculative_tokens: int = Field(3, ge=1, description="Draft tokens proposed per target step.")
+    num_speculative_tokens: int = Field(3, ge=1, le=64, description="Draft tokens proposed per target step (1..64, as train.ttt_length).")
     tensor_parallel_size: Optional[int] = Field(None, ge=1, description="vLLM tensor parallel size for bench and serve; null uses target.tensor_parallel_size.")
     max_new_tokens: int = Field(256, ge=1, description="Tokens generated per benchmark prompt.")
     temperature: float = Field(0.0, ge=0.0, description="Benchmark sampling temperature; 0 is greedy.")
