@@ -180,7 +180,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def results_markdown(results: dict[str, Any]) -> str:
     mode = "greedy" if not results["temperature"] else f"temperature {results['temperature']}"
-    lines = [f"# Acceptance of EAGLE3 drafts on `{results['target_path']}`\n",
+    lines = [f"# Acceptance of speculative drafts on `{results['target_path']}`\n",
              f"vLLM {results['vllm_version']}, {results['num_speculative_tokens']} speculative tokens, {mode}, "
              f"up to {results['max_new_tokens']} new tokens per prompt.\n",
              results_table(results["rows"], results["num_speculative_tokens"])]
