@@ -67,7 +67,7 @@ def served(request, tiny_target, tmp_path_factory):
     llm = LLM(**settings, worker_extension_cls="eaglecache.serve.draft_probe.DraftProbe")
     try:
         assert any(llm.collective_rpc("eaglecache_probe_arm"))
-        outputs = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=8, temperature=0.0))
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=8, temperature=0.0))
         assert sum(llm.collective_rpc("eaglecache_probe_dump", args=(str(root / "records.pt"),))) > 0
         greedy = [list(o.outputs[0].token_ids)
                   for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))]
