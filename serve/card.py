@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
-from eaglecache.formats.draft import served_aux_layer_ids
+from eaglecache.formats.draft import served_aux_layer_ids, vllm_method
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -66,14 +66,12 @@ def render_model_card(config: Mapping[str, Any], provenance: Mapping[str, Any],
                   else f"reduced draft vocabulary of {config['draft_vocab_size']} (d2t/t2d included); "
                        "embedding shared with the target")
     family = family_name(config)
-    spec = {"method": "dflash" if family == "DFlash" else "eagle3", "model": "<this directory>",
-            "num_speculative_tokens": 3}
-    if config.get("mask_token_id") is not None:
-        spec["parallel_drafting"] = True
+    spec = {**vllm_method(config), "model": "<this directory>", "num_speculative_tokens": 3}
     parts = [
         f"# {family} draft (eaglecache)\n",
         f"Family: {family} ({FAMILY_NOTES[family]}). "
-        f"A {config.get('num_hidden_layers', 1)}-layer `{config['architectures'][0]}` draft for the target `{provenance.get('target_path')}` "
+        f"A {config.get('num_hidden_layers', 1)}-layer `{config['architectures'][0]}` draft for the target "
+        f"`{provenance.get('target_path')}` "
         f"(hidden {config['target_hidden_size']}, vocab {config['vocab_size']}), fed by the target's layers "
         f"{aux} ({vocab_note}). Source: {provenance.get('source')}.\n",
         "## Use with vLLM\n",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eaglecache.errors import UserError
-from eaglecache.formats.draft import CONFIG_JSON, DFLASH_ARCHITECTURE, served_aux_layer_ids
+from eaglecache.formats.draft import CONFIG_JSON, served_aux_layer_ids, vllm_method
 from eaglecache.target import target_config
 
 
@@ -29,12 +29,9 @@ def speculative_config(config, draft_dir: str | Path) -> dict[str, Any]:
     """vLLM's speculative config for an exported draft: the method and ``parallel_drafting`` follow from
     the draft's own config.json (a P-EAGLE draft, with ``mask_token_id``, drafts its slots in parallel)."""
     draft_config = json.loads((Path(draft_dir) / CONFIG_JSON).read_text())
-    dflash = DFLASH_ARCHITECTURE in (draft_config.get("architectures") or [])
-    spec = {"method": "dflash" if dflash else "eagle3", "model": str(Path(draft_dir).resolve()),
+    spec = {**vllm_method(draft_config), "model": str(Path(draft_dir).resolve()),
             "num_speculative_tokens": config.serve.num_speculative_tokens}
-    if draft_config.get("mask_token_id") is not None:  # P-EAGLE (vLLM turns it on by itself for dflash)
-        spec["parallel_drafting"] = True
-    if dflash and int(draft_config.get("num_hidden_layers", 1)) > 1 and not _has_cuda():
+    if spec["method"] == "dflash" and int(draft_config.get("num_hidden_layers", 1)) > 1 and not _has_cuda():
         print(f"warning: {draft_dir} is a {draft_config['num_hidden_layers']}-layer DFlash draft; vLLM 0.32's CPU "
               "build norms every layer's context keys with layer 0's k_norm, so it will accept fewer tokens than "
               "trained (outputs stay correct). On CPU, train DFlash with train.draft.num_layers=1.", file=sys.stderr)

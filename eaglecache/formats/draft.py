@@ -250,6 +250,17 @@ def served_aux_layer_ids(config: Mapping[str, Any]) -> list[int]:
     return [int(i) + 1 for i in (config.get("dflash_config") or {}).get("target_layer_ids") or []]
 
 
+def vllm_method(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The speculative-config keys an exported draft's config.json asks vLLM 0.32 for: ``method`` (``dflash``
+    for a DFlash draft, else ``eagle3``) and, for P-EAGLE (a ``mask_token_id``), ``parallel_drafting``
+    (vLLM turns it on by itself for dflash)."""
+    dflash = DFLASH_ARCHITECTURE in (config.get("architectures") or [])
+    keys: dict[str, Any] = {"method": "dflash" if dflash else "eagle3"}
+    if config.get("mask_token_id") is not None and not dflash:
+        keys["parallel_drafting"] = True
+    return keys
+
+
 def read_draft_dir(draft_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, export.json) of an exported draft directory, with one-line errors for anything else
     (export.json is {} for a draft exported by another tool)."""
