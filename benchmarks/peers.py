@@ -17,7 +17,10 @@ mean anything (the machine may be shared):
       SpecForge's ``OnlineEagle3Model`` and speculators' ``Eagle3DraftModel`` (sdpa), tokens/s and
       MFU against a matmul peak measured in the same run (benchmarks/peer_adapters.py).
 
-Row (4), FP8 against bf16 accept length, is not measured here (listed as missing).
+  (4) FP8 against bf16 features: bytes per token on disk, and the mean accept length in vLLM of
+      an EAGLE3 draft trained from each cache with the same seed and steps
+      (benchmarks/fp8_accept.py).
+
 The peers install with ``pip install --no-deps speculators==0.9.0 hs-connectors==0.9.0
 specforge==0.2.0 && pip install datasets`` (the ``peers`` extra); a peer that is missing is a
 row that says so.
@@ -43,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_adapters  # noqa: E402  (benchmarks/ is not a package)
+import fp8_accept  # noqa: E402
 import peer_generation  # noqa: E402
 
 A = 3  # aux layers stored
@@ -260,7 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-seq", type=int, default=2048)
     parser.add_argument("--train-hidden", type=int, default=1024)
     parser.add_argument("--train-dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    parser.add_argument("--workdir", default=None, help="where the read set is written (default: a temp dir)")
+    parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--fp8-data", default=None, metavar="DIR",
+                        help="row (4)'s prepared data set, e.g. the demo's runs/demo/dataset (default: --gen-samples "
+                             "ShareGPT first exchanges prepared here)")
+    parser.add_argument("--fp8-steps", type=int, default=200, help="row (4): training steps of each draft")
+    parser.add_argument("--fp8-max-prompts", type=int, default=100, help="row (4): prompts per set in vLLM")
+    parser.add_argument("--workdir", default=None,
+                        help="where the read set and row (4)'s caches, runs and drafts are written (default: temp "
+                             "dirs); row (4)'s commands resume their own work there, so a rerun is cheap")
     args = parser.parse_args(argv)
     print(machine_line())
     if not args.skip_generation:
@@ -286,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         peer_adapters.print_train_table(peer_adapters.bench_train(
             steps=args.train_steps, seq=args.train_seq, hidden=args.train_hidden, dtypes=args.train_dtypes))
-    print("not measured here: (4) FP8 vs bf16 features, the trained drafts' accept length in vLLM")
+    if not args.skip_fp8:
+        with tempfile.TemporaryDirectory(prefix="bench-peers-fp8-", dir=args.workdir) as tmp:
+            work = Path(args.workdir) / "fp8" if args.workdir else Path(tmp)
+            fp8_accept.print_fp8_table(fp8_accept.bench_fp8(
+                work, Path(args.fp8_data) if args.fp8_data else None, args.gen_samples, args.fp8_steps,
+                args.fp8_max_prompts, 256, ["humaneval", "sharegpt-heldout"], []))
     return 0
 
 

@@ -22,7 +22,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
 # Flags with nargs="+" that swallow the KEY=VALUE overrides written after them.
-_GREEDY_FLAGS = ("input", "prompts")
+_GREEDY_FLAGS = ("input", "prompts", "draft", "bench")
 
 
 def _collect_overrides(args: argparse.Namespace) -> None:

@@ -115,10 +115,16 @@ def train_run(path: Path) -> bool:
 
 
 def ablation(path: Path) -> bool:
-    """Results files and one run directory per variant (an empty one: a variant that failed to start)."""
+    """Results files and one run directory per variant (an empty one: a variant that failed to start); after
+    ``--bench``, drafts/ (one exported draft per variant) and bench/ (bench's results)."""
     for name in _entries(path):
         entry = path / name
         if name in ("results.md", "results.csv", "ablation.png"):
+            continue
+        if name == "drafts" and entry.is_dir() and all(export_dir(d) for d in entry.iterdir()
+                                                       if not d.name.startswith(".")):
+            continue
+        if name == "bench" and entry.is_dir() and bench_results(entry):
             continue
         if not entry.is_dir() or (any(entry.iterdir()) and not train_run(entry)):
             return False
@@ -130,7 +136,8 @@ def export_dir(path: Path) -> bool:
 
 
 def bench_results(path: Path) -> bool:
-    return _entries(path) <= {"results.json", "results.md", "acceptance.png", "untrained-draft"}
+    # ablation.json: the record of `eaglecache ablate --bench` (train/ablation_bench.py) that wrote them
+    return _entries(path) <= {"results.json", "results.md", "acceptance.png", "untrained-draft", "ablation.json"}
 
 
 DEMO_ENTRIES = {"config.yaml", "sharegpt-subset.jsonl", "commands.sh", "regenerated.jsonl", "regenerated.jsonl.json",

@@ -20,18 +20,25 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _speed_cells(row: Mapping[str, Any], prefix: str) -> list[str]:
+    with_draft, alone = row.get(f"{prefix}tokens_per_s"), row.get(f"{prefix}baseline_tokens_per_s")
+    if with_draft is None and alone is None:
+        return ["-", "-"]
+    return [f"{_fmt(with_draft, 1)} / {_fmt(alone, 1)}", _fmt(row.get(f"{prefix}speedup"), 2)]
+
+
 def results_table(rows: Sequence[Mapping[str, Any]], num_speculative_tokens: int) -> str:
-    """One line per (draft, prompt set): n, mean accept length, accept rates, tokens/s."""
+    """One line per (draft, prompt set): n, mean accept length, accept rates, tokens/s at one stream and at
+    the full batch, each with and without the draft."""
     positions = [f"pos {i + 1}" for i in range(num_speculative_tokens)]
     header = ["draft", "prompt set", "n", "mean accept length", "draft accept rate", *positions,
-              "tok/s with draft", "tok/s without", "speedup"]
+              "tok/s 1 stream (draft / alone)", "speedup 1 stream", "tok/s batch (draft / alone)", "speedup batch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         per_pos = list(row.get("per_position_accept_rate") or []) + [None] * num_speculative_tokens
         cells = [row["draft"], row["prompt_set"], row["n"], _fmt(row["mean_accept_length"]),
                  _fmt(row["draft_accept_rate"]), *[_fmt(p) for p in per_pos[:num_speculative_tokens]],
-                 _fmt(row.get("tokens_per_s"), 1), _fmt(row.get("baseline_tokens_per_s"), 1),
-                 _fmt(row.get("speedup"), 2)]
+                 *_speed_cells(row, "one_stream_"), *_speed_cells(row, "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

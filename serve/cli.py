@@ -15,7 +15,7 @@ def _export(config, args):
 def _bench(config, args):
     from eaglecache.serve.bench import bench
 
-    return bench(config, draft=args.draft, prompt_sets=args.prompts, output=args.output,
+    return bench(config, drafts=args.draft, prompt_sets=args.prompts, output=args.output,
                  untrained_baseline=args.untrained_baseline, overwrite=args.overwrite)
 
 
@@ -39,13 +39,16 @@ def register(subparsers) -> None:
     outputs.add_overwrite_flag(p)
     p = add_command(subparsers, "bench", _bench,
                     "Measure acceptance (mean accept length, draft accept rate, per-position rate) in vLLM.")
-    p.add_argument("--draft", required=True, metavar="DIR", help="Exported draft directory.")
+    p.add_argument("--draft", nargs="+", required=True, metavar="DIR",
+                   help="Exported draft directories; several share one target-alone baseline and one table "
+                        "(rows labelled by directory name).")
     p.add_argument("--prompts", nargs="+", required=True, metavar="SET",
                    help="Prompt sets: 'humaneval', 'sharegpt-heldout', or JSONL files of prompts/messages.")
     p.add_argument("--output", required=True, metavar="DIR", help="Where results.md, results.json and the plot go.")
     outputs.add_overwrite_flag(p)
     p.add_argument("--untrained-baseline", action="store_true",
-                   help="Also benchmark a randomly initialised draft of the same shape (the no-training reference).")
+                   help="Also benchmark a randomly initialised draft of the (first) draft's shape and family "
+                        "(the no-training reference).")
     p = add_command(subparsers, "serve", _serve, "Start `vllm serve` for the target with the draft.")
     p.add_argument("--draft", required=True, metavar="DIR", help="Exported draft directory.")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="Port to listen on.")

@@ -20,6 +20,10 @@ class ServeConfig(Section):
     temperature: float = Field(0.0, ge=0.0, description="Benchmark sampling temperature; 0 is greedy.")
     seed: int = Field(0, description="Seed of benchmark sampling and of the untrained baseline draft's weights.")
     max_prompts: Optional[int] = Field(None, ge=1, description="Cap on prompts per benchmark set.")
+    single_stream_prompts: int = Field(
+        4, ge=0, description="Prompts of each set also generated one at a time, for tokens/s at one stream "
+                             "(latency-bound serving); 0 skips it. Acceptance counts the full-batch run only."
+    )
     host: str = Field("127.0.0.1", description="Address `eaglecache serve` binds; loopback unless told otherwise.")
     api_key_env: str = Field("EAGLECACHE_API_KEY", description="Environment variable holding the server API key.")
     served_model_name: Optional[str] = Field(
@@ -29,3 +33,4 @@ class ServeConfig(Section):
 
     # where and for whom `eaglecache serve` listens, and the demo's training data: none changes a benchmark result
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("host", "api_key_env", "served_model_name", "demo")
+    IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("single_stream_prompts",)  # added after release 95dabc5

@@ -85,3 +85,35 @@ def test_ablation_grid_table_plots_skip_and_reproducibility(tiny_cache, tmp_path
     assert curves[0] == curves[1]
 
     assert _tree_digest(tiny_cache) == before, "an ablation wrote to the cache"
+
+
+def test_ablate_bench_measures_every_family_in_vllm_in_one_table(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "families"
+    args = ["ablate", "--cache", str(tiny_cache), "--output", str(out),
+            "--grid", "train.draft.family=[eagle3,peagle]", "--bench", "humaneval", *TINY_TRAIN,
+            "serve.max_prompts=2", "serve.max_new_tokens=16", "serve.single_stream_prompts=1",
+            "target.kv_cache_gib=0.25"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    names = ["family-eagle3", "family-peagle"]
+    assert "$ eaglecache export" in first and "$ eaglecache bench" in first
+
+    for name in names:  # each variant exported in the layout vLLM loads for its family
+        assert json.loads((out / "drafts" / name / "export.json").read_text())["source"] == "training run"
+    assert "mask_token_id" in json.loads((out / "drafts" / "family-peagle" / "config.json").read_text())
+    results = json.loads((out / "bench" / "results.json").read_text())
+    rows = {r["draft"]: r for r in results["rows"]}
+    assert sorted(rows) == names  # one engine per draft beside one shared target-alone baseline
+    for row in rows.values():
+        assert row["identical_to_target"] + row["departures_at_ties"] == row["n"] == 2, row
+        assert row["num_drafts"] > 0 and row["one_stream_output_tokens"] > 0
+
+    header, _, *lines = (out / "results.md").read_text().splitlines()
+    assert header.split(" | ")[-2:] == ["vllm_accept_len_humaneval", "speedup_1_stream_humaneval |"]
+    for line in lines:  # the ablation table carries vLLM's measured accept length next to the simulated one
+        name = line.split(" | ")[0].removeprefix("| ")
+        assert line.split(" | ")[-2] == f"{rows[name]['mean_accept_length']:.4f}"
+
+    assert main(args) == 0  # again: nothing trained, exported or benched twice
+    again = capsys.readouterr().out
+    assert "2 skipped (done before), 0 trained" in again and "vLLM bench: done before, skipped" in again

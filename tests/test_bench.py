@@ -64,6 +64,11 @@ def test_counters_are_consistent_per_set(bench):
         # Each drafted step emits 1 + accepted tokens, so drafts can never exceed the output.
         assert row["num_drafts"] <= row["num_output_tokens"]
         assert row["tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0
+        # the one-stream pass: every prompt of the set (fewer than serve.single_stream_prompts), one at a time
+        assert row["one_stream_output_tokens"] > 0 and row["one_stream_seconds"] > 0
+        assert row["one_stream_output_tokens"] <= row["num_output_tokens"]
+        assert row["one_stream_speedup"] == pytest.approx(
+            row["one_stream_tokens_per_s"] / row["one_stream_baseline_tokens_per_s"])
     # An untrained draft is not a useful one.
     assert all(r["mean_accept_length"] < 1.3 for r in bench["results"]["rows"])
 
@@ -71,7 +76,8 @@ def test_counters_are_consistent_per_set(bench):
 def test_results_files_and_model_card(bench):
     out = bench["out"]
     md = (out / "results.md").read_text()
-    assert "| draft | prompt set | n | mean accept length | draft accept rate | pos 1 | pos 2 | pos 3 |" in md
+    assert ("| draft | prompt set | n | mean accept length | draft accept rate | pos 1 | pos 2 | pos 3 | "
+            "tok/s 1 stream (draft / alone) | speedup 1 stream | tok/s batch (draft / alone) | speedup batch |") in md
     assert (out / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mean accept length" in bench["stdout"]
     results = bench["results"]
@@ -119,3 +125,14 @@ def test_bad_prompt_files_and_mismatched_drafts_are_one_line_errors(tmp_path, ca
                  f"target.path={tiny_target}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "does not fit the target" in err and "\n" not in err
+
+
+def test_drafts_benched_together_need_names_that_tell_them_apart(tmp_path, capsys, tiny_target):
+    first = build_untrained_draft(tiny_target, tmp_path / "a" / "draft", seed=0)
+    second = build_untrained_draft(tiny_target, tmp_path / "b" / "draft", seed=1)
+    assert main(["bench", "--draft", str(first), str(second), "--prompts", "humaneval",
+                 "--output", str(tmp_path / "o"), f"target.path={tiny_target}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --draft: several drafts named draft; rows are labelled by directory name, "
+                   "so give each draft its own")
+    assert not (tmp_path / "o").exists()

@@ -33,7 +33,7 @@ def test_peers_benchmark_prints_every_reader_and_model_at_a_tiny_size(tmp_path, 
 
     assert peers.main(["--samples", "12", "--mean-tokens", "24", "--hidden", "32", "--ours", "zstd:16,none:16",
                        "--warm-only", "--repeat", "1", "--workdir", str(tmp_path), "--train-steps", "1", "--train-seq", "32",
-                       "--train-hidden", "64", "--train-dtypes", "float32", "--skip-generation"]) == 0
+                       "--train-hidden", "64", "--train-dtypes", "float32", "--skip-generation", "--skip-fp8"]) == 0
     out = capsys.readouterr().out
     reads = [line for line in out.splitlines() if " warm " in line]
     for reader in ("eaglecache FeatureCache.read, zstd, chunk_tokens 16", "eaglecache FeatureCache.read, none",
@@ -63,7 +63,7 @@ def test_peers_generation_row_runs_ours_and_speculators_through_vllm_at_a_tiny_s
     import peers
 
     assert peers.main(["--gen-samples", "8", "--gen-max-seq", "128", "--skip-reads", "--skip-train",
-                       "--workdir", str(tmp_path)]) == 0
+                       "--skip-fp8", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "speculators 0.9.0, hs-connectors 0.9.0" in out
     ours = {fp8: _generation_row(out, "eaglecache precompute", fp8) for fp8 in (False, True)}

@@ -9,7 +9,9 @@ vary: anything else would need another cache. The cache is only ever read.
 
 Running the same command again skips every variant whose variant.json says it
 finished with the same fingerprint; the results table and plots are rebuilt from
-all finished variants.
+all finished variants. With ``--bench SET ...`` the finished variants are then
+exported and measured in vLLM side by side (train/ablation_bench.py), and the
+table gains vLLM's mean accept length per prompt set next to the simulated one.
 """
 
 from __future__ import annotations
@@ -130,9 +132,11 @@ def run_variant(base, overrides: dict[str, Any], *, cache: str, output: Path, vo
 
 
 def run_ablate(config, *, cache: str, output: str | Path, grid: dict[str, list[Any]], vocab: str | None = None,
-               parallel: int = 1, overwrite: bool = False) -> int:
+               parallel: int = 1, overwrite: bool = False, bench_prompts: list[str] | None = None) -> int:
     """Train every variant of ``grid`` (``parse_grid``) over ``config`` from one ``cache`` into ``output``,
-    skipping finished ones; writes the results table and plots. ``overwrite`` as `--overwrite`."""
+    skipping finished ones; with ``bench_prompts`` (prompt set names or files) export them all and measure
+    them in vLLM together (train/ablation_bench.py); writes the results table and plots. ``overwrite`` as
+    `--overwrite`."""
     from eaglecache import outputs
     from eaglecache.formats.cache_reader import is_url
     from eaglecache.train.ablation_report import write_report
@@ -154,10 +158,16 @@ def run_ablate(config, *, cache: str, output: str | Path, grid: dict[str, list[A
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         records = list(pool.map(job, variants))
     failed = [r["name"] for r in records if r["status"] != "done"]
-    table = write_report(output, records, list(grid))
+    summary = (f"{sum(r['skipped'] for r in records)} skipped (done before), "
+               f"{sum(not r['skipped'] for r in records) - len(failed)} trained, {len(failed)} failed")
+    measured = None
+    if bench_prompts and not failed:
+        from eaglecache.train.ablation_bench import export_and_bench, vllm_rows
+
+        measured = vllm_rows(export_and_bench(output, records, bench_prompts, config.identity("target", "serve")))
+    table = write_report(output, records, list(grid), measured)
     print(table)
-    print(f"{sum(r['skipped'] for r in records)} skipped (done before), "
-          f"{sum(not r['skipped'] for r in records) - len(failed)} trained, {len(failed)} failed")
+    print(summary)
     if failed:
         raise UserError(f"variants failed: {', '.join(failed)} (see their run directories)")
     return 0

@@ -2,8 +2,10 @@
 
 One row per finished variant: its grid values, then the last logged metrics of
 its run (loss, per-TTT-position accuracy, simulated accept length with 3 and with
-all speculative tokens, tokens/s). Plots: per-position accuracy per variant, and
-the simulated accept length over training steps per variant.
+all speculative tokens, tokens/s) and, when the variants were benchmarked in vLLM
+(``--bench``), the measured mean accept length per prompt set and the one-stream
+speedup. Plots: per-position accuracy per variant, the simulated accept length
+over training steps per variant and, when measured, simulated against vLLM's.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from eaglecache.formats import run as run_format
 from eaglecache.train.config import MAX_TTT_LENGTH
 
 
-def _columns(records: list[dict[str, Any]], grid_keys: list[str]) -> list[str]:
+def _columns(records: list[dict[str, Any]], grid_keys: list[str], measured: dict[str, dict[str, Any]]) -> list[str]:
     acc_keys = sorted({k for r in records for k in r["metrics"] if k.startswith("acc_")},
                       key=lambda k: int(k.split("_")[1]))
-    return ["variant", *grid_keys, "step", "loss", *acc_keys, "accept_len_3", "accept_len_all", "tokens_per_s"]
+    vllm_keys = list(dict.fromkeys(k for columns in measured.values() for k in columns))
+    return ["variant", *grid_keys, "step", "loss", *acc_keys, "accept_len_3", "accept_len_all", "tokens_per_s",
+            *vllm_keys]
 
 
-def _row(record: dict[str, Any], columns: list[str]) -> list[Any]:
-    values = {"variant": record["name"], **record["overrides"], **record["metrics"]}
+def _row(record: dict[str, Any], columns: list[str], measured: dict[str, dict[str, Any]]) -> list[Any]:
+    values = {"variant": record["name"], **record["overrides"], **record["metrics"],
+              **measured.get(record["name"], {})}
     row = []
     for column in columns:
         value = values.get(column, "")
@@ -38,13 +43,30 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _plots(out_dir: Path, records: list[dict[str, Any]]) -> None:
+def _plot_measured(ax, records: list[dict[str, Any]], measured: dict[str, dict[str, Any]]) -> None:
+    """Grouped bars per variant: the simulated accept length (3 tokens), then vLLM's per prompt set."""
+    names = [r["name"] for r in records]
+    series = {"simulated (training)": [r["metrics"].get("accept_len_3") for r in records]}
+    for key in dict.fromkeys(k for m in measured.values() for k in m if k.startswith("vllm_accept_len_")):
+        series[f"vLLM {key.removeprefix('vllm_accept_len_')}"] = [measured.get(n, {}).get(key) for n in names]
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(names))], [v or 0.0 for v in values], width, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=20, ha="right", fontsize=7)
+    ax.set(ylabel="mean accept length (3 tokens)", title="Simulated vs measured in vLLM")
+    ax.legend(fontsize=7)
+
+
+def _plots(out_dir: Path, records: list[dict[str, Any]], measured: dict[str, dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if measured else 2, figsize=(16 if measured else 11, 4))
+    ax_acc, ax_len = axes[0], axes[1]
+    if measured:
+        _plot_measured(axes[2], records, measured)
     for record in records:
         metrics = record["metrics"]
         accs = [metrics[f"acc_{k}"] for k in range(MAX_TTT_LENGTH) if f"acc_{k}" in metrics]
@@ -63,11 +85,14 @@ def _plots(out_dir: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, out_dir / "ablation.png")
 
 
-def write_report(out_dir: Path, records: list[dict[str, Any]], grid_keys: list[str]) -> str:
-    """results.md, results.csv and ablation.png in ``out_dir``; returns the Markdown table."""
+def write_report(out_dir: Path, records: list[dict[str, Any]], grid_keys: list[str],
+                 measured: dict[str, dict[str, Any]] | None = None) -> str:
+    """results.md, results.csv and ablation.png in ``out_dir``; returns the Markdown table. ``measured``:
+    {variant: {column: value}} from the vLLM bench (train/ablation_bench.py ``vllm_rows``)."""
+    measured = measured or {}
     done = [r for r in records if r["status"] == "done"]
-    columns = _columns(done, grid_keys)
-    rows = [_row(r, columns) for r in done]
+    columns = _columns(done, grid_keys, measured)
+    rows = [_row(r, columns, measured) for r in done]
     header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     table = header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in rows)
     _write_atomic(out_dir / "results.md", table)
@@ -78,5 +103,5 @@ def write_report(out_dir: Path, records: list[dict[str, Any]], grid_keys: list[s
         writer.writerows(rows)
     os.replace(tmp, out_dir / "results.csv")
     if done:
-        _plots(out_dir, done)
+        _plots(out_dir, done, measured)
     return table

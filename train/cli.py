@@ -15,7 +15,8 @@ def _ablate(config, args):
     from eaglecache.train.ablate import parse_grid, run_ablate
 
     return run_ablate(config, cache=args.cache, output=args.output, grid=parse_grid(args.grid or [], args.grid_file),
-                      vocab=args.vocab, parallel=args.parallel, overwrite=args.overwrite)
+                      vocab=args.vocab, parallel=args.parallel, overwrite=args.overwrite,
+                      bench_prompts=args.bench)
 
 
 def register(subparsers) -> None:
@@ -43,3 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--vocab", metavar="PATH", default=None, help="Draft vocab mapping, as for train.")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="Variants trained side by side (each its own launcher and port).")
+    p.add_argument("--bench", nargs="+", metavar="SET", default=None,
+                   help="Then export every variant and measure them together in vLLM on these prompt sets "
+                        "('humaneval', 'sharegpt-heldout', or JSONL files), as `eaglecache bench` does; "
+                        "the table gains vLLM's accept length per set (serve.* settings apply).")
