@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
 from eaglecache.formats.draft import (ARCHITECTURE, CONFIG_JSON, D2T, DFLASH_ARCHITECTURE, DFLASH_HIDDEN_NORM,
-                                      DFLASH_LAYER_TENSORS, EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, FC,
-                                      FC_NORM, INPUT_NORM, LM_HEAD, MASK_HIDDEN, MODEL_CARD, OUTPUT_NORM,
-                                      REQUIRED_TENSORS, ROPE_KEYS, SHARED_WITH_TARGET, T2D, WEIGHTS, DraftArch,
-                                      initial_tensors, served_aux_layer_ids)
+                                      DFLASH_LAYER_TENSORS, EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION,
+                                      EXTRA_LAYER_TENSORS, FC, FC_NORM, INPUT_NORM, LM_HEAD, MASK_HIDDEN, MODEL_CARD,
+                                      OUTPUT_NORM, REQUIRED_TENSORS, ROPE_KEYS, SHARED_WITH_TARGET, T2D, WEIGHTS,
+                                      DraftArch, initial_tensors, served_aux_layer_ids)
 from eaglecache.serve.card import render_model_card
 from eaglecache.serve.vllm_engine import speculative_config
 from eaglecache.target import default_aux_layer_ids, file_sha256, read_head_tensors, target_config
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None = None,
                        draft_vocab_size: int | None = None, family: str = "eagle3",
                        num_layers: int = 1) -> dict[str, Any]:
-    """The draft.json-style architecture of a one-layer draft of ``family`` with the target's own
+    """The draft.json-style architecture of a ``num_layers``-layer draft of ``family`` with the target's own
     dimensions (the text model's config of a VL target), as training writes it."""
     from dataclasses import replace
 
@@ -80,7 +80,7 @@ def vllm_draft_config(arch: Mapping[str, Any], max_model_len: int | None = None)
         "model_type": "llama",
         "hidden_size": hidden,
         "intermediate_size": int(_arch_value(arch, "intermediate_size")),
-        "num_hidden_layers": 1,
+        "num_hidden_layers": int(arch.get("num_layers") or 1),
         "num_attention_heads": heads,
         "num_key_value_heads": int(_arch_value(arch, "num_key_value_heads", default=heads)),
         "head_dim": int(_arch_value(arch, "head_dim", default=hidden // heads)),
@@ -152,7 +152,7 @@ def family_config(arch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def family_tensors(config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The tensors a family adds to REQUIRED_TENSORS, read from the vLLM config."""
+    """The tensors a family (and a draft of several layers) adds to REQUIRED_TENSORS, read from the vLLM config."""
     names: tuple[str, ...] = ()
     if config.get("norm_before_fc") or (config.get("eagle_config") or {}).get("norm_before_fc"):
         names += (INPUT_NORM,)
@@ -160,6 +160,8 @@ def family_tensors(config: Mapping[str, Any]) -> tuple[str, ...]:
         names += tuple(FC_NORM.format(i) for i in range(len(config["eagle_aux_hidden_state_layer_ids"])))
     if config.get("mask_token_id") is not None:
         names += (MASK_HIDDEN,)
+    names += tuple(f"layers.{i}.{name}" for i in range(1, int(config.get("num_hidden_layers") or 1))
+                   for name in EXTRA_LAYER_TENSORS)
     return names
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # DeepSpeed's 
 RUN = ["train.dtype=float32", "train.global_batch_size=2", "train.micro_batch_size=1", "train.max_seq_length=32",
        "train.ttt_length=3", "train.lr=3e-3", "train.warmup_ratio=0.0", "train.log_interval=1",
        "train.checkpoint_interval=2", "train.loader_workers=1", "train.epochs=1"]
-FAMILIES = {"eagle3.1": ["train.draft.aux_norm=per_layer"], "peagle": [],
+FAMILIES = {"eagle3.1": ["train.draft.aux_norm=per_layer"], "peagle": ["train.draft.num_layers=2"],
             "dflash": ["train.draft.num_layers=2"]}
 
 
@@ -79,5 +79,7 @@ def test_family_trains_resumes_exactly_and_exports(family, tmp_path, tiny_target
         assert vllm_config.get("fc_norm") is (True if family == "eagle3.1" else None)
         assert vllm_config.get("norm_output") is (True if family == "eagle3.1" else None)
         assert (vllm_config.get("mask_token_id") is not None) == (family == "peagle")
+        assert vllm_config["num_hidden_layers"] == (2 if family == "peagle" else 1)
+        assert (family == "peagle") == ("layers.1.self_attn.q_proj.weight" in names)
     card = (draft_dir / "README.md").read_text()
     assert {"eagle3.1": "EAGLE 3.1", "peagle": "P-EAGLE", "dflash": "DFlash"}[family] in card.splitlines()[0]

@@ -24,7 +24,10 @@ THETA, EPS = 10000.0, 1e-5
 
 
 FAMILIES = {"eagle3": {}, "eagle3.1": family_arch("eagle3.1", "joint"),
-            "eagle3.1-per-layer": family_arch("eagle3.1", "per_layer"), "peagle": family_arch("peagle", mask_token_id=7)}
+            "eagle3.1-per-layer": family_arch("eagle3.1", "per_layer"), "peagle": family_arch("peagle", mask_token_id=7),
+            "eagle3-2-layers": family_arch("eagle3", num_layers=2),
+            "eagle3.1-3-layers": family_arch("eagle3.1", "joint", num_layers=3),
+            "peagle-2-layers": family_arch("peagle", mask_token_id=7, num_layers=2)}
 
 
 def make_draft(draft_vocab=None, seed=0, dtype=torch.float64, family="eagle3"):
@@ -87,9 +90,25 @@ def reference_loss(draft, ids, mask, aux, final, steps, decay):
             x = torch.cat([rms(c, P[f"fc_norm.{i}.weight"]) for i, c in enumerate(x.chunk(NUM_AUX))])
         return x @ P["fc.weight"].T
 
+    def attend(q, keys, values, t, k):  # step k at position t: step 0's keys 0..t, then steps 1..k at t
+        heads_out = []
+        for head in range(HEADS):
+            g = head // (HEADS // KV)
+            kk = [keys[0][s][g] for s in range(t + 1)] + [keys[j][t][g] for j in range(1, k + 1)]
+            vv = [values[0][s][g] for s in range(t + 1)] + [values[j][t][g] for j in range(1, k + 1)]
+            att = torch.softmax(torch.stack(kk) @ q[head] / math.sqrt(D), 0)
+            heads_out.append(att @ torch.stack(vv))
+        return torch.cat(heads_out)
+
+    def mlp(r, prefix):
+        y = rms(r, P[f"{prefix}.post_attention_layernorm.weight"])
+        m = F.silu(y @ P[f"{prefix}.mlp.gate_proj.weight"].T) * (y @ P[f"{prefix}.mlp.up_proj.weight"].T)
+        return r + m @ P[f"{prefix}.mlp.down_proj.weight"].T
+
     for b in range(batch):
         h = [combine(aux[b, t].reshape(-1)) for t in range(length)]
-        keys, values = [], []  # keys[j][t]: [kv, d], made by step j at position t
+        # keys[i][j][t]: [kv, d], made by layer i at step j at position t
+        keys, values = [[] for _ in range(arch.num_layers)], [[] for _ in range(arch.num_layers)]
         for k in range(steps):
             qs, ks, vs = [], [], []
             if arch.parallel and k > 0:  # P-EAGLE's slots: the mask token and state, nothing carried
@@ -103,21 +122,20 @@ def reference_loss(draft, ids, mask, aux, final, steps, decay):
                 qs.append(rope((x @ P["midlayer.self_attn.q_proj.weight"].T).view(HEADS, D), t + k))
                 ks.append(rope((x @ P["midlayer.self_attn.k_proj.weight"].T).view(KV, D), t + k))
                 vs.append((x @ P["midlayer.self_attn.v_proj.weight"].T).view(KV, D))
-            keys.append(ks)
-            values.append(vs)
-            new_h = []
+            keys[0].append(ks)
+            values[0].append(vs)
+            new_h = [mlp(h[t] + attend(qs[t], keys[0], values[0], t, k) @ P["midlayer.self_attn.o_proj.weight"].T,
+                         "midlayer") for t in range(length)]
+            for i in range(1, arch.num_layers):  # a plain pre-norm layer over the previous layer's output
+                pre = f"layers.{i}"
+                xs = [rms(x, P[f"{pre}.input_layernorm.weight"]) for x in new_h]
+                qs = [rope((x @ P[f"{pre}.self_attn.q_proj.weight"].T).view(HEADS, D), t + k) for t, x in enumerate(xs)]
+                keys[i].append([rope((x @ P[f"{pre}.self_attn.k_proj.weight"].T).view(KV, D), t + k)
+                                for t, x in enumerate(xs)])
+                values[i].append([(x @ P[f"{pre}.self_attn.v_proj.weight"].T).view(KV, D) for x in xs])
+                new_h = [mlp(new_h[t] + attend(qs[t], keys[i], values[i], t, k) @ P[f"{pre}.self_attn.o_proj.weight"].T,
+                             pre) for t in range(length)]
             for t in range(length):
-                heads_out = []
-                for head in range(HEADS):
-                    g = head // (HEADS // KV)
-                    kk = [keys[0][s][g] for s in range(t + 1)] + [keys[j][t][g] for j in range(1, k + 1)]
-                    vv = [values[0][s][g] for s in range(t + 1)] + [values[j][t][g] for j in range(1, k + 1)]
-                    att = torch.softmax(torch.stack(kk) @ qs[t][head] / math.sqrt(D), 0)
-                    heads_out.append(att @ torch.stack(vv))
-                r = h[t] + torch.cat(heads_out) @ P["midlayer.self_attn.o_proj.weight"].T
-                y = rms(r, P["midlayer.post_attention_layernorm.weight"])
-                m = F.silu(y @ P["midlayer.mlp.gate_proj.weight"].T) * (y @ P["midlayer.mlp.up_proj.weight"].T)
-                new_h.append(r + m @ P["midlayer.mlp.down_proj.weight"].T)
                 # loss mask not shifted, last position zeroed, then shifted by k with the ids
                 if not (t + k < length - 1 and mask[b, t + k]):
                     continue
@@ -148,9 +166,11 @@ def run_implementation(draft, raw, steps, decay, attention="reference", chunk=4,
 
 
 @pytest.mark.parametrize("draft_vocab,family", [(None, "eagle3"), (20, "eagle3"), (None, "eagle3.1"),
-                                                (20, "eagle3.1-per-layer"), (None, "peagle"), (20, "peagle")],
+                                                (20, "eagle3.1-per-layer"), (None, "peagle"), (20, "peagle"),
+                                                (None, "eagle3-2-layers"), (None, "eagle3.1-3-layers"),
+                                                (20, "peagle-2-layers")],
                          ids=["full-vocab", "reduced-vocab", "eagle3.1", "eagle3.1-per-layer-reduced", "peagle",
-                              "peagle-reduced"])
+                              "peagle-reduced", "eagle3-2-layers", "eagle3.1-3-layers", "peagle-2-layers-reduced"])
 def test_ttt_loss_and_gradients_match_the_plain_reference(draft_vocab, family):
     steps, decay = 4, 0.8
     draft = make_draft(draft_vocab, family=family)

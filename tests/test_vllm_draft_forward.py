@@ -10,8 +10,9 @@ states, the token ids) and must give the same post-norm states, position by posi
   read the carried state and the drafted token);
 - P-EAGLE: the mask slots that vLLM appends to its first pass (parallel drafting);
 - DFlash: the block (the bonus token and the mask tokens) of vLLM's one pass, over the context states.
-One engine per family (a draft is fixed at engine start); the greedy outputs of all families must agree
-(test_bench.py checks that they equal the target alone for EAGLE3).
+One engine per family, and one for a two-layer P-EAGLE draft (vLLM's later layers are plain Llama
+layers with their own caches); a draft is fixed at engine start. The greedy outputs of all engines must
+agree (test_bench.py checks that they equal the target alone for EAGLE3).
 """
 
 import json
@@ -31,14 +32,16 @@ from eaglecache.train.ttt import TTTSettings, unroll
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("eagle3", "eagle3.1", "peagle", "dflash")
+# engine name -> (family, decoder layers): every family, and P-EAGLE with a second (plain Llama) layer
+VARIANTS = {"eagle3": ("eagle3", 1), "eagle3.1": ("eagle3.1", 1), "peagle": ("peagle", 1), "dflash": ("dflash", 1),
+            "peagle-2-layers": ("peagle", 2)}
 STEPS = 3  # speculative tokens
 PROMPTS = ["def fibonacci(n):\n    return", "The quick brown fox"]
 
 
-def _perturbed_draft(tiny_target, out, family):
+def _perturbed_draft(tiny_target, out, family, num_layers=1):
     """An exported untrained draft whose norms and mask state are far from their neutral init."""
-    draft_dir = build_untrained_draft(tiny_target, out, seed=3, family=family)
+    draft_dir = build_untrained_draft(tiny_target, out, seed=3, family=family, num_layers=num_layers)
     weights = draft_dir / "model.safetensors"
     tensors = load_file(str(weights))
     gen = torch.Generator().manual_seed(5)
@@ -51,14 +54,15 @@ def _perturbed_draft(tiny_target, out, family):
     return draft_dir
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def served(request, tiny_target, tmp_path_factory):
     """(family, draft dir, recorded drafter forwards, greedy outputs) of one engine run."""
     from vllm import LLM, SamplingParams
 
-    family = request.param
-    root = tmp_path_factory.mktemp(f"forward-{family}")
-    draft_dir = _perturbed_draft(tiny_target, root / "draft", family)
+    family, num_layers = VARIANTS[request.param]
+    root = tmp_path_factory.mktemp(f"forward-{request.param}")
+    draft_dir = _perturbed_draft(tiny_target, root / "draft", family, num_layers)
+    assert json.loads((draft_dir / "config.json").read_text())["num_hidden_layers"] == num_layers
     config = load_config(None, [f"target.path={tiny_target}", "target.dtype=float32", "target.kv_cache_gib=0.25",
                                 f"serve.num_speculative_tokens={STEPS}"])
     settings = engine_settings(config, tiny_target, draft_dir)

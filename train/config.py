@@ -20,8 +20,9 @@ class DraftConfig(Section):
         "DFlashDraftModel)."
     )
     num_layers: int = Field(
-        1, ge=1, description="dflash only: decoder layers of the draft (the EAGLE families have one). vLLM 0.32's "
-        "CPU build serves a multi-layer DFlash draft wrongly (every layer gets layer 0's k_norm): on CPU keep 1."
+        1, ge=1, description="Decoder layers of the draft. EAGLE families: the midlayer, then plain Llama layers "
+        "(vLLM's layers.1..); dflash: Qwen3 layers. vLLM 0.32's CPU build serves a multi-layer DFlash draft "
+        "wrongly (every layer gets layer 0's k_norm): on CPU keep DFlash at 1."
     )
     aux_norm: Literal["joint", "per_layer"] = Field(
         "joint", description="eagle3.1 only: one RMSNorm over the concatenated aux states (joint: vLLM's "

@@ -1,4 +1,5 @@
-"""The EAGLE3 draft: one Llama decoder layer on [embedding, fc(aux states)], in vLLM's tensor names.
+"""The EAGLE-family draft: a Llama decoder layer on [embedding, fc(aux states)], then any further plain
+Llama layers (``train.draft.num_layers``), in vLLM's tensor names.
 
 Parameter names are exactly those vLLM's ``LlamaForCausalLMEagle3`` loads, as the
 draft format lists them (eaglecache/formats/draft.py ``tensor_shapes``; the module
@@ -99,12 +100,17 @@ class Attention(nn.Module):
 
     def forward(self, embed_qkv, hidden_normed, cos, sin, cache: KeyCache, implementation: str):
         """Returns (output [B, T, H], the cache with this step's key and value added)."""
-        batch, length, _ = hidden_normed.shape
-        q = (embed_qkv[0] + self.q_proj(hidden_normed, "hidden")).view(batch, length, self.num_heads, self.head_dim)
-        k = (embed_qkv[1] + self.k_proj(hidden_normed, "hidden")).view(batch, length, self.num_kv_heads,
-                                                                        self.head_dim)
-        v = (embed_qkv[2] + self.v_proj(hidden_normed, "hidden")).view(batch, length, self.num_kv_heads,
-                                                                        self.head_dim)
+        q = embed_qkv[0] + self.q_proj(hidden_normed, "hidden")
+        k = embed_qkv[1] + self.k_proj(hidden_normed, "hidden")
+        v = embed_qkv[2] + self.v_proj(hidden_normed, "hidden")
+        return self.attend(q, k, v, cos, sin, cache, implementation)
+
+    def attend(self, q, k, v, cos, sin, cache: KeyCache, implementation: str):
+        """Projected q/k/v [B, T, heads * d] -> (output [B, T, H], the cache with k and v added)."""
+        batch, length, _ = q.shape
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, cos, sin).transpose(1, 2)
         k = apply_rotary(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
@@ -112,6 +118,21 @@ class Attention(nn.Module):
         out = ttt_attention(q, cache, implementation)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(out), cache
+
+
+class LayerAttention(Attention):
+    """The attention of a decoder layer after the first: q/k/v read the layer's normed input alone (H)."""
+
+    def __init__(self, arch: DraftArch):
+        super().__init__(arch)
+        hidden = arch.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+
+    def forward(self, x_normed, cos, sin, cache: KeyCache, implementation: str):
+        return self.attend(self.q_proj(x_normed), self.k_proj(x_normed), self.v_proj(x_normed), cos, sin, cache,
+                           implementation)
 
 
 class MLP(nn.Module):
@@ -149,6 +170,24 @@ class MidLayer(nn.Module):
         """One TTT step: (new pre-norm hidden state, the key cache with this step's keys added)."""
         attn, cache = self.self_attn(embed_qkv, self.hidden_norm(hidden), cos, sin, cache, implementation)
         residual = hidden + attn
+        return residual + self.mlp(self.post_attention_layernorm(residual)), cache
+
+
+class DecoderLayer(nn.Module):
+    """A decoder layer after the first (``layers.{i}``, i >= 1): a plain pre-norm Llama layer over the previous
+    layer's pre-norm output, with its own key cache across TTT steps (vLLM's fused add-norm chain computes
+    the same sums)."""
+
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = LayerAttention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def forward(self, x, cos, sin, cache: KeyCache, implementation: str):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, implementation)
+        residual = x + attn
         return residual + self.mlp(self.post_attention_layernorm(residual)), cache
 
 
@@ -190,6 +229,8 @@ class Eagle3Draft(nn.Module):
         if arch.parallel:  # P-EAGLE: the state of the parallel slots, in pre-fc aux space
             self.mask_hidden = nn.Parameter(torch.zeros(1, arch.aux_width))
         self.midlayer = MidLayer(arch)
+        if arch.num_layers > 1:  # keyed "1".. so the parameter names are vLLM's layers.{i}.*
+            self.layers = nn.ModuleDict({str(i): DecoderLayer(arch) for i in range(1, arch.num_layers)})
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = Rotary(arch)
         self.target = target
@@ -208,6 +249,15 @@ class Eagle3Draft(nn.Module):
             chunks = aux.chunk(len(self.fc_norm), dim=-1)
             aux = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks)], dim=-1)
         return self.fc(aux)
+
+    def step(self, embed_qkv, hidden, cos, sin, caches: tuple[KeyCache, ...], implementation: str):
+        """One TTT step through every layer: (the last layer's pre-norm output, each layer's key cache)."""
+        hidden, cache = self.midlayer(embed_qkv, hidden, cos, sin, caches[0], implementation)
+        new_caches = [cache]
+        for i, layer in enumerate(self.layers.values() if self.arch.num_layers > 1 else (), start=1):
+            hidden, cache = layer(hidden, cos, sin, caches[i], implementation)
+            new_caches.append(cache)
+        return hidden, tuple(new_caches)
 
     def forward(self, input_ids, loss_mask, aux, final):
         """Shifted batch (train/loader.py) -> (loss, stats [ttt_length, 5]) of train/ttt.py's ttt_loss."""

@@ -92,17 +92,17 @@ def unroll(draft, input_ids: torch.Tensor, aux: torch.Tensor, settings: TTTSetti
         mask_ids = torch.full((1, 1), arch.mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
         mask_qkv = draft.midlayer.embed_projections(draft.target.embed(mask_ids))
         mask_state = draft.combine(draft.mask_hidden)[None].expand(batch, length, -1)
-    cache, normed = KeyCache(), []
+    caches, normed = (KeyCache(),) * arch.num_layers, []
     for k in range(steps):
         if arch.parallel and k > 0:
             step_qkv, step_hidden = mask_qkv, mask_state
         else:
             step_qkv, step_hidden = tuple(x[:, k:k + length] for x in embed_qkv), hidden
-        args = (step_qkv, step_hidden, cos[k:k + length], sin[k:k + length], cache, settings.attention)
+        args = (step_qkv, step_hidden, cos[k:k + length], sin[k:k + length], caches, settings.attention)
         if settings.gradient_checkpointing and torch.is_grad_enabled():
-            hidden, cache = checkpoint(draft.midlayer, *args, use_reentrant=False)
+            hidden, caches = checkpoint(draft.step, *args, use_reentrant=False)
         else:
-            hidden, cache = draft.midlayer(*args)
+            hidden, caches = draft.step(*args)
         normed.append(draft.norm(hidden))
         if arch.norm_output:
             hidden = normed[-1]

@@ -40,6 +40,14 @@ LAYER_TENSORS = (
     "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight",
 )
 REQUIRED_TENSORS = (FC,) + LAYER_TENSORS
+# The decoder layers after the first (a draft of num_layers > 1), ``layers.{i}.`` + these names, i >= 1:
+# vLLM 0.32's llama_eagle3 builds them as plain Llama layers whose q/k/v read the hidden size only
+# (layer 0, the midlayer, reads [embedding, state]); their unused hidden_norm is not stored.
+EXTRA_LAYER_TENSORS = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
 OUTPUT_NORM = "norm.weight"
 # EAGLE 3.1 only: one RMSNorm over the concatenated aux states (vLLM's norm_before_fc), or one per aux
 # state (vLLM's fc_norm, ``fc_norm.{i}.weight``)
@@ -86,14 +94,16 @@ class DraftArch:
     aux_norm: str = "none"  # "none" | "joint" (one RMSNorm over the aux concat) | "per_layer" (one per aux state)
     norm_output: bool = False  # the next step reads the post-norm state (EAGLE 3.1), not the pre-norm one
     mask_token_id: Optional[int] = None  # P-EAGLE and DFlash: the token id of the parallel slots
-    num_layers: int = 1  # decoder layers (DFlash may have several)
+    num_layers: int = 1  # decoder layers (the EAGLE families: the midlayer, then layers.1.., each a Llama layer)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(out.pop("rope"))  # RoPE keys at the top level, as in an HF config
         if self.family == "eagle3":  # an EAGLE3 draft.json stays what releases before the families wrote
-            for key in ("family", "aux_norm", "norm_output", "mask_token_id", "num_layers"):
+            for key in ("family", "aux_norm", "norm_output", "mask_token_id"):
                 out.pop(key)
+            if self.num_layers == 1:
+                out.pop("num_layers")
         return out
 
     @classmethod
@@ -159,19 +169,18 @@ def family_arch(family: str, aux_norm: str = "joint", mask_token_id: Optional[in
                 num_layers: int = 1) -> dict[str, Any]:
     """The DraftArch fields a family sets: EAGLE 3.1 normalizes the aux states (``aux_norm``: joint or
     per_layer) and carries the post-norm state; P-EAGLE drafts its steps 1.. in parallel from
-    ``mask_token_id``; DFlash drafts a block of mask tokens with ``num_layers`` layers; EAGLE3 is the
-    plain layer."""
+    ``mask_token_id``; DFlash drafts a block of mask tokens; EAGLE3 is the plain layer. Every family may
+    have ``num_layers`` decoder layers."""
     if family not in FAMILIES:
         raise ValueError(f"unknown draft family {family!r} (known: {', '.join(FAMILIES)})")
     if family in ("peagle", "dflash") and mask_token_id is None:
         raise ValueError(f"a {family} draft needs a mask token id")
-    base = {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": None, "num_layers": 1}
+    base = {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": None,
+            "num_layers": int(num_layers)}
     if family == "eagle3.1":
         return base | {"aux_norm": aux_norm, "norm_output": True}
-    if family == "peagle":
+    if family in ("peagle", "dflash"):
         return base | {"mask_token_id": int(mask_token_id)}
-    if family == "dflash":
-        return base | {"mask_token_id": int(mask_token_id), "num_layers": int(num_layers)}
     return base
 
 
@@ -201,8 +210,13 @@ def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
         "midlayer.mlp.gate_proj.weight": (inter, hidden),
         "midlayer.mlp.up_proj.weight": (inter, hidden),
         "midlayer.mlp.down_proj.weight": (hidden, inter),
-        OUTPUT_NORM: (hidden,),
     })
+    extra_layer = dict(zip(EXTRA_LAYER_TENSORS, [(hidden,), (q_out, hidden), (kv_out, hidden), (kv_out, hidden),
+                                                 (hidden, q_out), (hidden,), (inter, hidden), (inter, hidden),
+                                                 (hidden, inter)]))
+    for i in range(1, arch.num_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in extra_layer.items()})
+    shapes[OUTPUT_NORM] = (hidden,)
     if arch.reduced_vocab:
         shapes[LM_HEAD] = (arch.draft_vocab_size, hidden)
     if arch.parallel:  # last, so the tensors before it draw the same numbers in every family
