@@ -83,6 +83,13 @@ def _entries(path: Path) -> set[str]:
     return {p.name for p in path.iterdir() if not p.name.startswith(".")}
 
 
+def tiny_target_build(path: Path) -> bool:
+    """A finished `eaglecache target build` (which rebuilds it with --force, or returns it as it is)."""
+    from eaglecache.tiny_target.build import BUILD_REPORT
+
+    return (path / BUILD_REPORT).is_file() and (path / "config.json").is_file()
+
+
 def prepared_dataset(path: Path) -> bool:
     from eaglecache.formats.dataset import DATASET_FORMAT, METADATA_FILE
 

@@ -137,3 +137,12 @@ def test_overwrite_never_removes_the_current_directory(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path / "work")
     rc, err = run(["data", "prepare", "--input", MISSING, "--output", ".", "--overwrite"], capsys)
     assert rc == 2 and "will not remove" in err and (tmp_path / "work" / "notes.txt").is_file()
+
+
+def test_target_build_refuses_an_unrelated_output_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    before = foreign_dir(out)  # with --overwrite it would be removed and a 10-minute build would start
+    rc, err = run(["target", "build", "--output", str(out)], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: {out} exists and was not written by `eaglecache target build` (use --overwrite to replace it)"]
+    assert snapshot(out) == before
