@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,37 @@ def test_bad_input_is_one_error_line(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def test_sigterm_to_the_train_command_stops_every_rank(feature_cache, tmp_path):
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "eaglecache.cli", "train", "--cache", str(feature_cache), "--output", str(out),
+           *TINY_RUN, "train.epochs=1000", "train.max_steps=4000", "train.launcher.master_port=29563"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not committed_steps(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None and committed_steps(out), "no checkpoint before the deadline"
+        assert len(_processes_mentioning(str(out))) >= 3  # the CLI, DeepSpeed's runner and launcher, the ranks
+        proc.send_signal(signal.SIGTERM)  # to the CLI's process only, as `kill PID` or a supervisor does
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM; run the same command again")
+    time.sleep(2)  # the runner's SIGKILLs land
+    assert _processes_mentioning(str(out)) == [], "a launcher or rank outlived the stopped command"
+    assert committed_steps(out)  # what the rerun resumes from (the SIGKILL test above checks a resume)

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -158,17 +159,58 @@ def run_train(config, *, output: str | Path, cache: Optional[str] = None, data: 
     log.info("starting: %s", " ".join(cmd))
     env = launcher_env(config)
     try:
-        rc = subprocess.run(cmd, env=env).returncode
+        rc, received = run_forwarding_signals(cmd, env)
     finally:
         if env.get("DS_ACCELERATOR") == "cpu":
             remove_cpu_allreduce_buffers(port)
     status = exit_status(rc)
+    if received is not None:
+        # on a line of its own: the ranks were stopped mid progress bar
+        print(f"\nerror: stopped by {signal_name(received)}; run the same command again to resume from the last "
+              f"checkpoint in {run_dir / run_format.CHECKPOINTS}", file=sys.stderr)
+        return 128 + received
     if status != 0:
         killed = f"a process was killed by {signal_name(status - 128)}; " if status != rc else ""
         print(f"error: training exited with status {status} ({killed}the rank logs above say why); "
               f"run the same command again to resume from the last checkpoint in {run_dir / run_format.CHECKPOINTS}",
               file=sys.stderr)
     return status
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, Optional[int]]:
+    """Run the launcher in its own process group; a SIGTERM or SIGINT this process gets meanwhile goes to that
+    whole group: DeepSpeed's runner, its per-node launcher (which then terminates the ranks' process trees)
+    and the ranks. Without this, `kill PID` of `eaglecache train` (a scheduler's stop, a supervisor) left
+    them training on; and DeepSpeed's runner forwards nothing itself on a single node, so signalling it alone
+    would orphan the ranks. Ctrl-C reaches the group once, through here, as the group is not the terminal's.
+    Returns (launcher return code, the signal received or None). Handlers can only be set on the main thread:
+    ablate's variants run in worker threads, so there the launcher stays in this process's group, where a
+    terminal's Ctrl-C reaches it directly, as before."""
+    forwarding = threading.current_thread() is threading.main_thread()
+    received: list[int] = []
+    group: list[int] = []  # the launcher's process group id, once started
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if group:
+            try:
+                os.killpg(group[0], signum)
+            except ProcessLookupError:  # the group is gone already
+                pass
+
+    previous = {}
+    if forwarding:  # before the launcher starts, so no signal can find it unprotected
+        previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=forwarding)
+        if forwarding:
+            group.append(proc.pid)
+            if received:  # arrived while it started
+                forward(received.pop(), None)
+        return proc.wait(), (received[0] if received else None)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def exit_status(returncode: int) -> int:
