@@ -73,6 +73,15 @@ def test_ablation_grid_table_plots_skip_and_reproducibility(tiny_cache, tmp_path
     assert "4 skipped (done before), 0 trained" in capsys.readouterr().out
     assert all(_weights(out / n / "final" / "model.safetensors") == w for n, w in weights.items())
 
+    stale = records[1]  # as if an earlier code version had trained it: trained again, the old run kept aside
+    record_path = out / stale["name"] / "variant.json"
+    record_path.write_text(json.dumps({**stale, "fingerprint": {**stale["fingerprint"], "code": "0ld"}}))
+    assert main(args) == 0
+    assert "3 skipped (done before), 1 trained" in capsys.readouterr().out
+    assert (out / ".stale" / f"{stale['name']}-0ld" / "final" / "model.safetensors").is_file()
+    assert json.loads(record_path.read_text())["fingerprint"] == stale["fingerprint"]
+    assert _weights(out / stale["name"] / "final" / "model.safetensors") == weights[stale["name"]]
+
     again = tmp_path / "again"  # the same variant from scratch: bit-identical weights and metrics
     name = records[0]["name"]
     grid = [f"--grid", f"train.ttt_length=[{records[0]['overrides']['train.ttt_length']}]",

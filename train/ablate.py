@@ -8,8 +8,10 @@ seed, cache fingerprint, code version, final metrics). Only ``train.*`` keys may
 vary: anything else would need another cache. The cache is only ever read.
 
 Running the same command again skips every variant whose variant.json says it
-finished with the same fingerprint; the results table and plots are rebuilt from
-all finished variants. With ``--bench SET ...`` the finished variants are then
+finished with the same fingerprint (cache, settings and code version); one finished
+by other code is moved to ``OUTPUT/.stale/`` and trained again (resuming it would
+train nothing). The results table and plots are rebuilt from all finished
+variants. With ``--bench SET ...`` the finished variants are then
 exported and measured in vLLM side by side (train/ablation_bench.py), and the
 table gains vLLM's mean accept length per prompt set next to the simulated one.
 """
@@ -21,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +35,7 @@ from eaglecache.formats import run as run_format
 
 log = logging.getLogger(__name__)
 VARIANT_FORMAT, VARIANT_VERSION = "eaglecache.variant", 1
+STALE = ".stale"  # variants finished by an earlier code version, kept (not shown) when retrained
 
 
 def parse_grid(grid_args: list[str], grid_file: str | None) -> dict[str, list[Any]]:
@@ -117,6 +121,15 @@ def run_variant(base, overrides: dict[str, Any], *, cache: str, output: Path, vo
         if record.get("status") == "done" and record.get("fingerprint") == fingerprint:
             log.info("variant %s: done already, skipped", name)
             return {**record, "skipped": True}
+        if record.get("status") == "done":
+            # finished by other code (or settings): resuming it would train nothing and keep those weights
+            stale = output / STALE / f"{name}-{(record.get('fingerprint') or {}).get('code', 'unknown')}"
+            stale.parent.mkdir(exist_ok=True)
+            if stale.exists():
+                shutil.rmtree(stale)
+            os.replace(run_dir, stale)
+            log.warning("variant %s: finished by another code version or settings; moved to %s, training again",
+                        name, stale)
     log.info("variant %s: training", name)
     started = time.time()
     rc = run_train(config, output=run_dir, cache=cache, vocab=vocab)
