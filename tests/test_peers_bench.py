@@ -47,7 +47,6 @@ def test_peers_benchmark_prints_every_reader_and_model_at_a_tiny_size(tmp_path, 
     for line in train:
         tokens_per_s, mfu = re.search(r"float32\s+[\d.]+\s+([\d.]+)\s+([\d.]+)%", line).groups()
         assert float(tokens_per_s) > 0 and float(mfu) > 0, line
-    assert "not measured here: (4)" in out  # what is not measured is said
 
 
 def _generation_row(out: str, system: str, fp8: bool) -> list[float]:
