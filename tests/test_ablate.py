@@ -126,3 +126,13 @@ def test_ablate_bench_measures_every_family_in_vllm_in_one_table(tiny_cache, tmp
     assert main(args) == 0  # again: nothing trained, exported or benched twice
     again = capsys.readouterr().out
     assert "2 skipped (done before), 0 trained" in again and "vLLM bench: done before, skipped" in again
+
+
+def test_a_lone_variant_benched_alone_keeps_its_name_in_the_table():
+    from eaglecache.train.ablation_bench import vllm_rows
+
+    # bench labels a lone trained draft "trained"; the ablation table is keyed by variant name
+    results = {"rows": [{"draft": "trained", "prompt_set": "humaneval", "mean_accept_length": 2.5,
+                         "one_stream_speedup": 1.2}]}
+    assert vllm_rows(results, ["ttt_length-7"]) == {
+        "ttt_length-7": {"vllm_accept_len_humaneval": 2.5, "speedup_1_stream_humaneval": 1.2}}

@@ -177,7 +177,8 @@ def run_ablate(config, *, cache: str, output: str | Path, grid: dict[str, list[A
     if bench_prompts and not failed:
         from eaglecache.train.ablation_bench import export_and_bench, vllm_rows
 
-        measured = vllm_rows(export_and_bench(output, records, bench_prompts, config.identity("target", "serve")))
+        results = export_and_bench(output, records, bench_prompts, config.identity("target", "serve"))
+        measured = vllm_rows(results, [r["name"] for r in records])
     table = write_report(output, records, list(grid), measured)
     print(table)
     print(summary)

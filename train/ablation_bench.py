@@ -76,11 +76,14 @@ def export_and_bench(output: Path, records: list[dict[str, Any]], prompt_sets: l
     return json.loads((bench_dir / "results.json").read_text())
 
 
-def vllm_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{variant: {column: value}}: vLLM's mean accept length per prompt set, and tokens/s speedups."""
+def vllm_rows(results: dict[str, Any], variant_names: list[str]) -> dict[str, dict[str, Any]]:
+    """{variant: {column: value}}: vLLM's mean accept length per prompt set, and tokens/s speedups. Bench labels
+    rows by draft directory (the variant's name), or "trained" when it measured one draft alone."""
+    labels = {row["draft"] for row in results["rows"]}
+    rename = {labels.pop(): variant_names[0]} if len(labels) == 1 and len(variant_names) == 1 else {}
     by_variant: dict[str, dict[str, Any]] = {}
     for row in results["rows"]:
-        columns = by_variant.setdefault(row["draft"], {})
+        columns = by_variant.setdefault(rename.get(row["draft"], row["draft"]), {})
         columns[f"vllm_accept_len_{row['prompt_set']}"] = row["mean_accept_length"]
         columns[f"speedup_1_stream_{row['prompt_set']}"] = row.get("one_stream_speedup")
     return by_variant
