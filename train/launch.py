@@ -178,8 +178,8 @@ def run_train(config, *, output: str | Path, cache: Optional[str] = None, data: 
 
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, Optional[int]]:
-    """Run the launcher in its own process group; a SIGTERM or SIGINT this process gets meanwhile goes to that
-    whole group: DeepSpeed's runner, its per-node launcher (which then terminates the ranks' process trees)
+    """Run the launcher in its own process group; a SIGTERM, SIGINT or SIGHUP this process gets meanwhile goes
+    to that whole group: DeepSpeed's runner, its per-node launcher (which then terminates the ranks' process trees)
     and the ranks. Without this, `kill PID` of `eaglecache train` (a scheduler's stop, a supervisor) left
     them training on; and DeepSpeed's runner forwards nothing itself on a single node, so signalling it alone
     would orphan the ranks. Ctrl-C reaches the group once, through here, as the group is not the terminal's.
@@ -200,7 +200,9 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, Op
 
     previous = {}
     if forwarding:  # before the launcher starts, so no signal can find it unprotected
-        previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+        # SIGHUP too: in its own session the group no longer gets the terminal's hangup by itself
+        previous = {signum: signal.signal(signum, forward)
+                    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=forwarding)
         if forwarding:
