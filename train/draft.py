@@ -84,14 +84,18 @@ class SplitInputLinear(nn.Linear):
 
 
 class Attention(nn.Module):
+    """The midlayer's attention: q/k/v read ``[norm(embed), norm(h)]`` (2*H, ``SplitInputLinear``)."""
+
+    in_factor, projection = 2, SplitInputLinear
+
     def __init__(self, arch: DraftArch):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
-        in_features = 2 * arch.hidden_size
-        self.q_proj = SplitInputLinear(in_features, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = SplitInputLinear(in_features, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = SplitInputLinear(in_features, self.num_kv_heads * self.head_dim, bias=False)
+        in_features = self.in_factor * arch.hidden_size
+        self.q_proj = self.projection(in_features, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = self.projection(in_features, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = self.projection(in_features, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, arch.hidden_size, bias=False)
 
     def project_embeds(self, embeds_normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -123,12 +127,7 @@ class Attention(nn.Module):
 class LayerAttention(Attention):
     """The attention of a decoder layer after the first: q/k/v read the layer's normed input alone (H)."""
 
-    def __init__(self, arch: DraftArch):
-        super().__init__(arch)
-        hidden = arch.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+    in_factor, projection = 1, nn.Linear
 
     def forward(self, x_normed, cos, sin, cache: KeyCache, implementation: str):
         return self.attend(self.q_proj(x_normed), self.k_proj(x_normed), self.v_proj(x_normed), cos, sin, cache,
@@ -229,8 +228,8 @@ class Eagle3Draft(nn.Module):
         if arch.parallel:  # P-EAGLE: the state of the parallel slots, in pre-fc aux space
             self.mask_hidden = nn.Parameter(torch.zeros(1, arch.aux_width))
         self.midlayer = MidLayer(arch)
-        if arch.num_layers > 1:  # keyed "1".. so the parameter names are vLLM's layers.{i}.*
-            self.layers = nn.ModuleDict({str(i): DecoderLayer(arch) for i in range(1, arch.num_layers)})
+        # keyed "1".. so the parameter names are vLLM's layers.{i}.*; empty (no parameters) for one layer
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(arch) for i in range(1, arch.num_layers)})
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = Rotary(arch)
         self.target = target
@@ -254,7 +253,7 @@ class Eagle3Draft(nn.Module):
         """One TTT step through every layer: (the last layer's pre-norm output, each layer's key cache)."""
         hidden, cache = self.midlayer(embed_qkv, hidden, cos, sin, caches[0], implementation)
         new_caches = [cache]
-        for i, layer in enumerate(self.layers.values() if self.arch.num_layers > 1 else (), start=1):
+        for i, layer in enumerate(self.layers.values(), start=1):
             hidden, cache = layer(hidden, cos, sin, caches[i], implementation)
             new_caches.append(cache)
         return hidden, tuple(new_caches)
