@@ -1,10 +1,12 @@
 """Compute dtypes chosen for the machine: what ``auto`` means, and the warning for a slow forced bf16.
 
-bf16 is fast only where the hardware has it: on CUDA GPUs that support it, and on CPUs with
-AVX512_BF16 or AMX. Elsewhere (AVX2-only CPUs: many cloud AMD instances, most laptops) PyTorch's and
-vLLM's bf16 CPU kernels fall back to generic code about 50x slower than float32 (a 1024x1024 matmul on
-one thread of an AVX2-only EPYC: 0.7 GFLOP/s in bf16, 37.8 in float32). So ``auto`` is bf16 where
-native and float32 elsewhere.
+bf16 is faster than float32 only on CUDA GPUs that support it and on CPUs with AMX tiles. CPUs with
+AVX512_BF16 but no AMX compute bf16 natively, yet slower than float32 (2 cores of such a Xeon: matmul
+peaks of 160 GFLOP/s in bf16, 298 in float32). AVX2-only CPUs (many cloud AMD instances, most
+laptops) have no bf16 at all: PyTorch's and vLLM's bf16 CPU kernels fall back to generic code about
+50x slower than float32 (a 1024x1024 matmul on one thread of an AVX2-only EPYC: 0.7 GFLOP/s in bf16,
+37.8 in float32). So ``auto`` is bf16 on CUDA and AMX, float32 elsewhere, and an explicit bf16 on a
+CPU without native bf16 gets one warning.
 
 The choice follows the processor itself (its CPUID flags), not ``ATEN_CPU_CAPABILITY`` or
 ``ONEDNN_MAX_CPU_ISA``: those variables cap the kernels PyTorch dispatches to without changing what the
@@ -32,11 +34,11 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def native_bf16(device: str) -> bool:
-    """True when bf16 runs at full speed on ``device`` ("cuda" or "cpu") of this machine."""
+def bf16_is_faster(device: str) -> bool:
+    """True when bf16 outruns float32 on ``device`` ("cuda" or "cpu") of this machine: what ``auto`` picks."""
     if device == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
+    return bool(torch.cpu._is_amx_tile_supported())
 
 
 def default_device() -> str:
@@ -50,10 +52,9 @@ def resolve_dtype(requested: str, what: str, device: str | None = None) -> str:
     e.g. "train.dtype".
     """
     device = device or default_device()
-    fast = native_bf16(device)
     if requested == AUTO:
-        return "bfloat16" if fast else "float32"
-    if requested == "bfloat16" and device == "cpu" and not fast:
+        return "bfloat16" if bf16_is_faster(device) else "float32"
+    if requested == "bfloat16" and device == "cpu" and not cpu_has_native_bf16():
         _warn_once(what)
     return requested
 
