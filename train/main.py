@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -203,12 +204,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    # gloo's threads, left to the interpreter's teardown, can abort a run that went well ("terminate
-    # called without an active exception", seen once in CI). Only on success: after a failure other
-    # ranks may still be inside a collective, and destroying the group would hang (torchtitan #1342).
+    # Only on success: after a failure other ranks may still be inside a collective, and destroying the
+    # group would hang (torchtitan #1342).
     torch.distributed.destroy_process_group()
     return 0
 
 
+def exit_without_teardown(status: int) -> None:
+    """End a rank whose run is complete without the interpreter's teardown.
+
+    DeepSpeed's engine and parameters keep references to the process groups, so destroy_process_group
+    does not free gloo's C++ threads; when the interpreter tears its modules down they can be destroyed
+    while still joinable, and the rank aborts with SIGABRT ("terminate called without an active
+    exception") after every output is written: twice in CI, on runs whose weights were complete. All
+    files are closed by then (save_final returns after the rename), so exiting here loses nothing.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 0:
+        exit_without_teardown(status)
+    sys.exit(status)
