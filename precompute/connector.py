@@ -38,6 +38,13 @@ from eaglecache.precompute.writer import PartWriter
 
 log = logging.getLogger(__name__)
 
+
+def as_stored(states: torch.Tensor) -> torch.Tensor:
+    """The states as the cache stores them, bf16: the hidden-state layer's slots have the target's compute
+    dtype, float32 where bf16 would be slow (eaglecache/dtypes.py). Rounded to nearest even, as online
+    training's features are; a value beyond bf16's range becomes Inf and the sample is skipped."""
+    return states if states.dtype == torch.bfloat16 else states.to(torch.bfloat16)
+
 CONNECTOR_NAME = "HiddenStatesWriterConnector"
 MODULE_PATH = __name__
 
@@ -107,7 +114,7 @@ class HiddenStatesWriterConnector(ExampleHiddenStatesConnector):
         item = Extracted(sample_id=pending.sample_id, token_ids=pending.token_ids,
                          loss_mask=np.frombuffer(pending.loss_mask, dtype=np.uint8), states=None)
         if not self._kv_cache.is_cuda:
-            item.states = extract_from_kv_cache(self._kv_cache, slots, num_tokens)  # indexing copies
+            item.states = as_stored(extract_from_kv_cache(self._kv_cache, slots, num_tokens))  # indexing copies
             return item
         from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
@@ -116,7 +123,7 @@ class HiddenStatesWriterConnector(ExampleHiddenStatesConnector):
         with torch.cuda.stream(stream):
             with gpu_sync_allowed():
                 slots_gpu = slots.pin_memory().to(self._kv_cache.device, non_blocking=True)
-            states_gpu = extract_from_kv_cache(self._kv_cache, slots_gpu, num_tokens)
+            states_gpu = as_stored(extract_from_kv_cache(self._kv_cache, slots_gpu, num_tokens))
             nonfinite_gpu = (~torch.isfinite(states_gpu)).any()
             item.states = torch.empty(states_gpu.shape, dtype=states_gpu.dtype, pin_memory=True)
             item.states.copy_(states_gpu, non_blocking=True)
