@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,9 @@ import torch
 
 from eaglecache.cli import main
 from eaglecache.errors import UserError
+from eaglecache.formats.run import committed_steps
 from eaglecache.train.ablate import expand, parse_grid, variant_name
+from test_train_launcher import processes_mentioning, sigterm_after_a_checkpoint
 
 TINY_TRAIN = ["train.max_steps=4", "train.global_batch_size=2", "train.micro_batch_size=1",
               "train.launcher.num_gpus=1", "train.max_seq_length=128", "train.log_interval=1",
@@ -136,3 +141,19 @@ def test_a_lone_variant_benched_alone_keeps_its_name_in_the_table():
                          "one_stream_speedup": 1.2}]}
     assert vllm_rows(results, ["ttt_length-7"]) == {
         "ttt_length-7": {"vllm_accept_len_humaneval": 2.5, "speedup_1_stream_humaneval": 1.2}}
+
+
+def test_sigterm_to_ablate_stops_the_running_variant_and_starts_no_other(tiny_cache, tmp_path):
+    """The variants' launchers run from worker threads, where no signal handler can be set; the stop still
+    reaches their ranks, and the grid goes no further."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "eaglecache.cli", "ablate", "--cache", str(tiny_cache), "--output", str(out),
+           "--grid", "train.ttt_length=[1,2]", *TINY_TRAIN, "train.max_steps=4000", "train.epochs=1000",
+           "train.checkpoint_interval=2"]
+    first, second = (out / variant_name({"train.ttt_length": n}) for n in (1, 2))
+    returncode, stderr = sigterm_after_a_checkpoint(cmd, first, out)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM; run the same command again")
+    time.sleep(2)  # the runner's SIGKILLs land
+    assert processes_mentioning(str(out)) == [], "a launcher or rank outlived the stopped ablation"
+    assert committed_steps(first) and not second.exists()

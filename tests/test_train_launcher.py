@@ -156,7 +156,7 @@ def test_bad_input_is_one_error_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def _processes_mentioning(text: str) -> list[int]:
+def processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         try:
@@ -167,24 +167,32 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def test_sigterm_to_the_train_command_stops_every_rank(feature_cache, tmp_path):
-    out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "eaglecache.cli", "train", "--cache", str(feature_cache), "--output", str(out),
-           *TINY_RUN, "train.epochs=1000", "train.max_steps=4000", "train.launcher.master_port=29563"]
+def sigterm_after_a_checkpoint(cmd: list[str], run_dir: Path, watched: Path) -> tuple[int, str]:
+    """Start ``cmd``; once ``run_dir`` has a committed checkpoint, SIGTERM its process only, as `kill PID` or a
+    supervisor does. Returns (exit code, stderr); ``watched`` (a path in every process's command line) shows
+    the launcher and ranks were running."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not committed_steps(out) and proc.poll() is None and time.time() < deadline:
+        while not committed_steps(run_dir) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
-        assert proc.poll() is None and committed_steps(out), "no checkpoint before the deadline"
-        assert len(_processes_mentioning(str(out))) >= 3  # the CLI, DeepSpeed's runner and launcher, the ranks
-        proc.send_signal(signal.SIGTERM)  # to the CLI's process only, as `kill PID` or a supervisor does
+        assert proc.poll() is None and committed_steps(run_dir), "no checkpoint before the deadline"
+        assert len(processes_mentioning(str(watched))) >= 3  # the CLI, DeepSpeed's runner and launcher, the ranks
+        proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    return proc.returncode, stderr
+
+
+def test_sigterm_to_the_train_command_stops_every_rank(feature_cache, tmp_path):
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "eaglecache.cli", "train", "--cache", str(feature_cache), "--output", str(out),
+           *TINY_RUN, "train.epochs=1000", "train.max_steps=4000", "train.launcher.master_port=29563"]
+    returncode, stderr = sigterm_after_a_checkpoint(cmd, out, out)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM; run the same command again")
     time.sleep(2)  # the runner's SIGKILLs land
-    assert _processes_mentioning(str(out)) == [], "a launcher or rank outlived the stopped command"
+    assert processes_mentioning(str(out)) == [], "a launcher or rank outlived the stopped command"
     assert committed_steps(out)  # what the rerun resumes from (the SIGKILL test above checks a resume)

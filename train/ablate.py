@@ -14,6 +14,8 @@ train nothing). The results table and plots are rebuilt from all finished
 variants. With ``--bench SET ...`` the finished variants are then
 exported and measured in vLLM side by side (train/ablation_bench.py), and the
 table gains vLLM's mean accept length per prompt set next to the simulated one.
+A SIGTERM, SIGINT or SIGHUP stops every running variant's ranks (train/signals.py) and starts no more;
+the same command then resumes them from their last checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -153,6 +156,8 @@ def run_ablate(config, *, cache: str, output: str | Path, grid: dict[str, list[A
     from eaglecache import outputs
     from eaglecache.formats.cache_reader import is_url
     from eaglecache.train.ablation_report import write_report
+    from eaglecache.train.launch import signal_name
+    from eaglecache.train.signals import forwarding_signals
 
     outputs.claim_output(output, overwrite, "ablate", outputs.ablation)
     if not cache or not (is_url(cache) or Path(cache).is_dir()):
@@ -165,11 +170,18 @@ def run_ablate(config, *, cache: str, output: str | Path, grid: dict[str, list[A
     fingerprint = {"cache": cache_fingerprint(cache), "code": code_version()}
     print(f"{len(variants)} variants from {cache} into {output}")
 
-    def job(overrides):  # each variant's launcher picks its own free rendezvous port
-        return run_variant(config, overrides, cache=cache, output=output, vocab=vocab, fingerprint=fingerprint)
+    with forwarding_signals() as stopped:  # a stop reaches every running variant's ranks (train/signals.py)
+        def job(overrides):  # each variant's launcher picks its own free rendezvous port
+            if stopped:
+                return None
+            return run_variant(config, overrides, cache=cache, output=output, vocab=vocab, fingerprint=fingerprint)
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        records = list(pool.map(job, variants))
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            records = list(pool.map(job, variants))
+    if stopped:
+        print(f"\nerror: stopped by {signal_name(stopped[0])}; run the same command again to resume: finished "
+              f"variants are kept, stopped ones resume from their last checkpoint", file=sys.stderr)
+        return 128 + stopped[0]
     failed = [r["name"] for r in records if r["status"] != "done"]
     summary = (f"{sum(r['skipped'] for r in records)} skipped (done before), "
                f"{sum(not r['skipped'] for r in records) - len(failed)} trained, {len(failed)} failed")

@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +24,7 @@ import yaml
 
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
+from eaglecache.train.signals import run_launcher
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def run_train(config, *, output: str | Path, cache: Optional[str] = None, data: 
     log.info("starting: %s", " ".join(cmd))
     env = launcher_env(config)
     try:
-        rc, received = run_forwarding_signals(cmd, env)
+        rc, received = run_launcher(cmd, env)
     finally:
         if env.get("DS_ACCELERATOR") == "cpu":
             remove_cpu_allreduce_buffers(port)
@@ -175,44 +174,6 @@ def run_train(config, *, output: str | Path, cache: Optional[str] = None, data: 
               f"run the same command again to resume from the last checkpoint in {run_dir / run_format.CHECKPOINTS}",
               file=sys.stderr)
     return status
-
-
-def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, Optional[int]]:
-    """Run the launcher in its own process group; a SIGTERM, SIGINT or SIGHUP this process gets meanwhile goes
-    to that whole group: DeepSpeed's runner, its per-node launcher (which then terminates the ranks' process trees)
-    and the ranks. Without this, `kill PID` of `eaglecache train` (a scheduler's stop, a supervisor) left
-    them training on; and DeepSpeed's runner forwards nothing itself on a single node, so signalling it alone
-    would orphan the ranks. Ctrl-C reaches the group once, through here, as the group is not the terminal's.
-    Returns (launcher return code, the signal received or None). Handlers can only be set on the main thread:
-    ablate's variants run in worker threads, so there the launcher stays in this process's group, where a
-    terminal's Ctrl-C reaches it directly, as before."""
-    forwarding = threading.current_thread() is threading.main_thread()
-    received: list[int] = []
-    group: list[int] = []  # the launcher's process group id, once started
-
-    def forward(signum, _frame):
-        received.append(signum)
-        if group:
-            try:
-                os.killpg(group[0], signum)
-            except ProcessLookupError:  # the group is gone already
-                pass
-
-    previous = {}
-    if forwarding:  # before the launcher starts, so no signal can find it unprotected
-        # SIGHUP too: in its own session the group no longer gets the terminal's hangup by itself
-        previous = {signum: signal.signal(signum, forward)
-                    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=forwarding)
-        if forwarding:
-            group.append(proc.pid)
-            if received:  # arrived while it started
-                forward(received.pop(), None)
-        return proc.wait(), (received[0] if received else None)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def exit_status(returncode: int) -> int:
