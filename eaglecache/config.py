@@ -70,7 +70,7 @@ class TargetConfig(Section):
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype the target computes in (vLLM and transformers); auto: bfloat16 on CUDA and on "
-        "CPUs with AMX (where it outruns float32), float32 on other CPUs. The cache stores bf16 either way."
+        "CPUs with native bf16 (AVX512_BF16 or AMX), float32 on other CPUs. The cache stores bf16 either way."
     )
     max_model_len: Optional[int] = Field(
         None, description="Context length given to vLLM; null uses data.max_seq_length."

@@ -94,7 +94,7 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
     from eaglecache.train.loop import run_loop
 
     tc = config.train
-    compute_dtype = resolve_dtype(tc.dtype, "train.dtype", device.type)
+    compute_dtype = resolve_dtype(tc.dtype, "train.dtype", device.type, training=True)
     dtype = TORCH_DTYPES[compute_dtype]
     draft, aux_indices = build_draft(config, target_dir, source.metadata, vocab_path, dtype, device)
     lengths = [source.num_tokens(s) for s in source.sample_ids] if not hasattr(source, "num_tokens_array") \
