@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: installs eaglecache with its test tools, then runs the suite.
-# Without arguments it runs every test, the end-to-end demo (tests/test_demo.py, 25-30
+# Without arguments it runs every test, the end-to-end demo (tests/test_demo.py, 15-30
 # minutes on 2 cores) included; arguments go to pytest (`bash scripts/test.sh -m "not slow"`
 # leaves out the slow ones).
 # pytest exits 5 when it collected no test; that is a failure here, not a pass.

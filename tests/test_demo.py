@@ -1,6 +1,6 @@
 """`eaglecache demo` end to end on the tiny target with the default config: the issue's acceptance targets.
 
-Slow (the whole pipeline: regenerate, prepare, precompute, 2-rank ZeRO-3 training, export, three
+Slow (the whole pipeline: regenerate, prepare, precompute, 2-rank ZeRO-3 training, export, two
 vLLM engines for the benchmark) but it runs in CI: it is the README's main job.
 """
 
@@ -26,16 +26,16 @@ def _rows(results, draft):
     return {r["prompt_set"]: r for r in results["rows"] if r["draft"] == draft}
 
 
-def test_trained_draft_reaches_the_acceptance_target_and_untrained_does_not(demo):
-    trained, untrained = _rows(demo["results"], "trained"), _rows(demo["results"], "untrained")
-    assert set(trained) == set(untrained) == {"humaneval", "sharegpt-heldout"}
+def test_trained_draft_reaches_the_acceptance_target(demo):
+    trained = _rows(demo["results"], "trained")
+    assert set(trained) == {"humaneval", "sharegpt-heldout"}
+    assert {r["draft"] for r in demo["results"]["rows"]} == {"trained"}
     assert trained["humaneval"]["n"] == 164
     for name in trained:
-        # 2.50 (humaneval) and 2.31 (held-out ShareGPT) with the float32 tiny target sized for a 10-minute
-        # build on AVX2-only CPUs (held-out loss 0.88 nats below unigram); the previous, longer-trained
-        # target gave >= 2.5 on both. An untrained draft accepts nothing.
+        # 2000 conversations (400 steps): 2.50 (humaneval) and 2.31 (held-out ShareGPT) with a bf16 target
+        # and bf16 training on an AVX512_BF16 CPU, 2.96 and 3.18 all in float32 on an AVX2-only one.
+        # (An untrained draft accepts nothing: tests/test_bench.py.)
         assert trained[name]["mean_accept_length"] >= 2.2, trained[name]
-        assert untrained[name]["mean_accept_length"] < 1.2, untrained[name]
 
 
 def test_speculative_decoding_is_lossless_for_both_drafts(demo):

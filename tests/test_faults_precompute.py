@@ -308,14 +308,32 @@ def second_job(command: list[str], cache: Path, first: subprocess.Popen) -> dict
             "committed_before": before, "committed_after": committed_samples(cache)}
 
 
+# A float32 target (auto on CPUs without native bf16) is not batch-invariant in vLLM's CPU GEMMs: a resumed
+# or split run batches samples differently, and a value whose float32 result sits on a bf16 rounding
+# boundary can land one bf16 step away (4 of 7.2M values on an AVX2-only EPYC). A bf16 target gave
+# identical bits in every run so far.
+MAX_ONE_STEP_FRACTION = 1e-5
+
+
 def compare(reference, cache) -> bool:
-    """Every sample's four arrays identical, bit for bit."""
+    """Every sample's ids and loss mask identical; states identical bit for bit when the target computed in
+    bf16, else equal but for one-bf16-step differences in at most MAX_ONE_STEP_FRACTION of the values."""
     assert np.array_equal(reference.sample_ids, cache.sample_ids)
+    exact = reference.metadata["compute_dtype"] == "bfloat16"
+    num_values = num_one_step = 0
     for sample_id in reference.sample_ids:
         a, b = reference.read(sample_id), cache.read(sample_id)
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.loss_mask, b.loss_mask), sample_id
-        assert torch.equal(a.aux.view(torch.int16), b.aux.view(torch.int16)), f"sample {sample_id} aux"
-        assert torch.equal(a.final.view(torch.int16), b.final.view(torch.int16)), f"sample {sample_id} final"
+        for name in ("aux", "final"):
+            bits_a, bits_b = (getattr(s, name).view(torch.int16).to(torch.int32) for s in (a, b))
+            if exact:
+                assert torch.equal(bits_a, bits_b), f"sample {sample_id} {name}"
+                continue
+            steps = (bits_a - bits_b).abs()  # adjacent bf16 values of one sign are adjacent bit patterns
+            assert int(steps.max()) <= 1, f"sample {sample_id} {name}: {int(steps.max())} bf16 steps apart"
+            num_values += steps.numel()
+            num_one_step += int((steps == 1).sum())
+    assert num_one_step <= MAX_ONE_STEP_FRACTION * num_values, (num_one_step, num_values)
     return True
 
 
