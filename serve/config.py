@@ -8,10 +8,8 @@ from eaglecache.section import Section
 
 
 class DemoConfig(Section):
-    # 1200 (~970 samples, ~240 optimizer steps of 4) rather than 2000 (400 steps): every stage but the
-    # bench takes 60 %; in float32 the draft was at 2.97 simulated accept length by step 200 of 400.
     num_conversations: int = Field(
-        1200, ge=1, description="ShareGPT training-split conversations (first exchange) the demo regenerates and trains on."
+        2000, ge=1, description="ShareGPT training-split conversations (first exchange) the demo regenerates and trains on."
     )
 
 
