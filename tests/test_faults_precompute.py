@@ -1,13 +1,13 @@
 """Precompute under faults ends in exactly the uninterrupted cache.
 
 One chained scenario (vLLM starts take most of the time, so the faults share runs):
-`eaglecache precompute` as a subprocess is SIGKILLed at >= 5 random points (seeded,
+`eaglecache precompute` as a subprocess is SIGKILLed at >= 3 random points (seeded,
 printed; the whole job, and last the driver alone) and restarted with the same
 command; on the way a second job is started on the running part, a shard renamed
 into place but never recorded is planted, shards are damaged (flipped byte,
 truncated file, deleted directory) then verified and repaired, and the disk fills
 up (the cache moved onto a small tmpfs). The final cache must equal the
-session's uninterrupted ``tiny_cache`` sample by sample, byte for byte, and every
+session's uninterrupted ``tiny_cache`` sample by sample, byte for byte (a float32 target: see compare), and every
 rerun must have resumed rather than started over: each file of each shard recorded
 before a run keeps its inode and mtime through it, and the run computes only the
 samples not yet recorded. The tests below each check one of those outcomes on the
@@ -40,7 +40,8 @@ from eaglecache.formats.cache_reader import open_cache
 
 pytestmark = pytest.mark.slow
 
-TRIALS = int(os.environ.get("EAGLECACHE_FAULT_TRIALS", "5"))
+# 3 in CI: each kill costs a vLLM start (~70 s on an AVX2-only CPU); benchmarks/bench_faults.py runs 20
+TRIALS = int(os.environ.get("EAGLECACHE_FAULT_TRIALS", "3"))
 SEED = int(os.environ.get("EAGLECACHE_FAULT_SEED", "7"))
 PART = "part-00000-of-00001"
 # small shards: ~30 commit points over the 48-conversation data set
@@ -339,7 +340,7 @@ def compare(reference, cache) -> bool:
 
 def test_sigkill_at_random_points_then_restart_gives_the_uninterrupted_cache(scenario):
     kills = [t for t in scenario["trials"] if not t["finished_first"]]
-    assert len(kills) >= min(TRIALS, 5), scenario["trials"]
+    assert len(kills) >= min(TRIALS, 3), scenario["trials"]
     assert all(t["rc"] == -signal.SIGKILL for t in kills)
     assert any(t["committed_at_kill"] > 0 for t in kills)  # killed mid-run, not only during start-up
     assert scenario["final"]["rc"] == 0, scenario["final"]["stderr_tail"]
