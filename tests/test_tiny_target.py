@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eaglecache.target import chat_template_hash, default_aux_layer_ids, target_layer_count, weights_hash
 from eaglecache.tiny_target import corpus
-from eaglecache.tiny_target import build
+from eaglecache.tiny_target import build, spec as spec_module
 from eaglecache.tiny_target.build import BUILD_REPORT, HELDOUT_FILE, build_tiny_target, ensure_tiny_target
 from eaglecache.tiny_target.model import init_model, llama_config
 from eaglecache.tiny_target.spec import TinyTargetSpec
@@ -72,6 +72,23 @@ def test_concurrent_ensure_builds_once_and_second_call_is_instant(tmp_path, monk
     assert time.monotonic() - start < 0.1 and len(calls) == 1
     ensure_tiny_target(output=final, force=True)
     assert len(calls) == 2
+
+
+def test_build_key_changes_with_every_input_of_the_build(monkeypatch):
+    """A build is reused on a machine only while its spec, code, corpus file and libraries are the same."""
+    spec = TinyTargetSpec()
+    inputs = spec_module.inputs_identity()
+    assert set(inputs) == {"sharegpt_sha256", "torch", "tokenizers", "transformers"}
+    assert inputs["torch"] == torch.__version__
+    key = spec_module.build_key(spec)
+    assert spec_module.build_key(spec) == key
+    for name in inputs:
+        monkeypatch.setattr(spec_module, "inputs_identity", lambda name=name: {**inputs, name: "other"})
+        assert spec_module.build_key(spec) != key, name
+    monkeypatch.setattr(spec_module, "inputs_identity", lambda: inputs)
+    monkeypatch.setattr(spec_module, "source_hash", lambda: "other code")
+    assert spec_module.build_key(spec) != key
+    assert spec_module.build_key(TinyTargetSpec(seed=1)) != key
 
 
 def test_cached_tokenizer_is_the_one_its_spec_trains(tiny_target):
@@ -146,24 +163,12 @@ def test_model_is_a_real_language_model_clearly_below_unigram(tiny_target, token
     assert model_loss.item() < unigram_loss.item() - 0.75, (model_loss.item(), unigram_loss.item())
 
 
-@pytest.fixture(scope="module")
-def vllm_engine(tiny_target):
-    from vllm import LLM
-
-    # a fixed KV cache, as configs/tiny.yaml sets: on CPU vLLM takes the utilization fraction of the NUMA
-    # node's memory and subtracts its own resident memory, which leaves nothing on a 10 GiB node
-    engine = LLM(model=str(tiny_target), dtype="float32", gpu_memory_utilization=0.05, max_model_len=1024,
-                 kv_cache_memory_bytes=1 << 29, enable_prefix_caching=False, seed=0)
-    yield engine
-    del engine
-
-
-def test_vllm_renders_the_chat_template_and_greedy_matches_transformers(vllm_engine, tokenizer, model):
+def test_vllm_renders_the_chat_template_and_greedy_matches_transformers(target_engine, tokenizer, model):
     from vllm import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     conversations = [MESSAGES[:2], [{"role": "user", "content": "Write a short poem about the sea."}]]
-    chat_outputs = vllm_engine.chat(conversations, greedy, use_tqdm=False)
+    chat_outputs = target_engine.chat(conversations, greedy, use_tqdm=False)
     for messages, output in zip(conversations, chat_outputs):
         expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                  return_dict=True)["input_ids"]

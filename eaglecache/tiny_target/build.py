@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from eaglecache.errors import UserError
+from eaglecache.home import eaglecache_home
 from eaglecache.target import file_sha256
 from eaglecache.tiny_target import corpus, model as tiny_model, pretrain
 from eaglecache.tiny_target.spec import DOC_SEPARATOR, TinyTargetSpec, build_key, source_hash
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 
 BUILD_REPORT = "build.json"
 HELDOUT_FILE = "heldout.json"
-
-
-def eaglecache_home() -> Path:
-    return Path(os.environ.get("EAGLECACHE_HOME") or Path.home() / ".cache" / "eaglecache")
 
 
 @contextlib.contextmanager

@@ -1,14 +1,17 @@
 """The build spec of the embedded tiny target: every number that decides what gets built.
 
-The cache directory name hashes this spec together with the source files of
-``eaglecache/tiny_target/``, so changing either rebuilds instead of reusing a stale target.
+The cache directory name hashes this spec together with everything else the build depends on: the
+source files of ``eaglecache/tiny_target/``, the ShareGPT file it trains on and the versions of torch,
+tokenizers and transformers. Changing any of them rebuilds instead of reusing a stale target.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+from importlib import metadata
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")  # ids 0..3, in this order
@@ -63,7 +66,19 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def inputs_identity() -> dict:
+    """What the build reads besides its spec and code: the corpus file's hash and the libraries whose
+    numerics or tokenization decide the bytes written."""
+    from eaglecache.data.sharegpt import sharegpt_path
+    from eaglecache.target import file_sha256
+
+    return {"sharegpt_sha256": file_sha256(sharegpt_path()),
+            **{name: metadata.version(name) for name in ("torch", "tokenizers", "transformers")}}
+
+
 def build_key(spec: TinyTargetSpec) -> str:
-    """Short hash naming the cached build: the spec plus the code that builds it."""
-    payload = json.dumps({"spec": spec.to_dict(), "code": source_hash()}, sort_keys=True)
+    """Short hash naming the cached build: the spec, the code that builds it and its inputs."""
+    payload = json.dumps({"spec": spec.to_dict(), "code": source_hash(), "inputs": inputs_identity()},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
