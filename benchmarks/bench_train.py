@@ -8,14 +8,15 @@ sequence 2048, TTT 7, batch 1. Features and the frozen head are random (speed
 does not depend on their values).
 
 MFU = model FLOPs / step time / matmul peak, the peak measured in the same child
-(a square matmul of the training dtype, best of several, before and after the
-steps; the higher is used). On a shared machine wall time counts other people's
+(the fastest of the step's own matmul shapes in the training dtype, best of several,
+before and after the steps; the higher is used). On a shared machine wall time counts other people's
 work too, and with several threads every small op waits for a descheduled thread:
 the run also reports MFU by process CPU time (FLOPs per CPU-second against the
 matmul's FLOPs per CPU-second), which ``--threads 1`` makes immune to that. Model FLOPs are counted as section 10 states (matmuls
 only, N = batch * seq, d = head size, T = TTT steps):
 forward = 2N*3H^2 + T*[2N*(2H*(heads + 2*kv)*d + heads*d*H + 3*H*I + H*V) + 4*b*heads*S^2*d]
-          + sum_{k<T} 4N*heads*d*k;  a training step = 3 x forward.
+          + sum_{k<T} 4N*heads*d*k;  a training step = 3 x forward, less the weight gradient of the
+          frozen LM head (T*2N*H*V; the peers train a head of their own and are counted with it).
 The peers' steps (SpecForge's ``OnlineEagle3Model`` and speculators' ``Eagle3DraftModel``, sdpa,
 plain torch AdamW; benchmarks/peer_adapters.py) are measured in the same run, in a child of their
 own, when they are installed (the ``peers`` extra); the targets are >= 55 % MFU and >= 1.1x the
@@ -41,29 +42,38 @@ from pathlib import Path
 DIMS = dict(hidden=1024, intermediate=2816, heads=8, kv_heads=2, vocab=8192, seq=2048, ttt=7, batch=1)
 
 
-def step_flops(hidden, intermediate, heads, kv_heads, vocab, seq, ttt, batch) -> float:
+def step_flops(hidden, intermediate, heads, kv_heads, vocab, seq, ttt, batch, head_trained: bool = False) -> float:
     """FLOPs of one training step: 2 per multiply-add of every matmul (fc once; per TTT step q/k/v/o, the MLP,
-    the LM head and causal attention over the sequence, plus the extra keys of earlier steps), backward 2x forward."""
+    the LM head and causal attention over the sequence, plus the extra keys of earlier steps). Backward is 2x
+    forward (input and weight gradients) except for a frozen LM head (the target's, shared), which needs the
+    input gradient only; ``head_trained`` for drafts that train a head of their own (the peers')."""
     n, d = batch * seq, hidden // heads
-    per_step = (2 * n * (2 * hidden * (heads + 2 * kv_heads) * d + heads * d * hidden
-                         + 3 * hidden * intermediate + hidden * vocab) + 4 * batch * heads * seq * seq * d)
+    head = 2 * n * hidden * vocab
+    per_step = (2 * n * (2 * hidden * (heads + 2 * kv_heads) * d + heads * d * hidden + 3 * hidden * intermediate)
+                + 4 * batch * heads * seq * seq * d)
     forward = 2 * n * 3 * hidden ** 2 + ttt * per_step + sum(4 * n * heads * d * k for k in range(ttt))
-    return 3.0 * forward
+    return 3.0 * forward + ttt * head * (3.0 if head_trained else 2.0)
 
 
-def matmul_peak(dtype, size: int = 2048, reps: int = 20) -> tuple[float, float]:
-    """(FLOP/s of wall time, FLOP/s of process CPU time) of a square matmul, best of ``reps``."""
+# the training step's own matmul shapes at DIMS ([tokens, in] x [in, out]): the LM head, the MLP, a square one
+PEAK_SHAPES = ((2048, 1024, 8192), (2048, 1024, 2816), (2048, 2048, 2048))
+
+
+def matmul_peak(dtype, shapes=PEAK_SHAPES, reps: int = 8) -> tuple[float, float]:
+    """(FLOP/s of wall time, FLOP/s of process CPU time) of the fastest of ``shapes`` (the step's own matmuls,
+    so the step cannot outrun its peak), best of ``reps`` each after a warm-up, at this process's threads."""
     import torch
 
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b
     best_wall = best_cpu = 0.0
-    for _ in range(reps):
-        wall, cpu = time.perf_counter(), time.process_time()
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
         a @ b
-        best_wall = max(best_wall, 2 * size ** 3 / (time.perf_counter() - wall))
-        best_cpu = max(best_cpu, 2 * size ** 3 / (time.process_time() - cpu))
+        for _ in range(reps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            a @ b
+            best_wall = max(best_wall, 2 * m * k * n / (time.perf_counter() - wall))
+            best_cpu = max(best_cpu, 2 * m * k * n / max(time.process_time() - cpu, 1e-9))
     return best_wall, best_cpu
 
 
@@ -201,7 +211,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args)))
         return
     flops = step_flops(**DIMS)
-    print(f"dims {DIMS}; model FLOPs per step {flops / 1e9:.0f} GFLOP (section 10 count); "
+    print(f"dims {DIMS}; model FLOPs per step {flops / 1e9:.0f} GFLOP (frozen LM head); "
           f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         make_inputs(Path(tmp), num_samples=args.steps + 1)

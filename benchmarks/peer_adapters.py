@@ -230,7 +230,8 @@ def bench_train(steps: int = 3, seq: int = 2048, hidden: int = 1024, dtypes=("fl
     """Rows of (3): median step time of ``steps`` timed steps after one warm-up step, per model and dtype;
     the models' timed steps are interleaved."""
     d = _dims(hidden, seq)
-    flops = step_flops(**d)
+    # ours reads the target's LM head, frozen; the peers' drafts train a head of their own (one more weight gradient)
+    flops = {True: step_flops(**d, head_trained=True), False: step_flops(**d)}
     versions = peer_versions()
     models = {"eaglecache Eagle3Draft (split attention)": ("this tree", ours_step)} if include_ours else {}
     if versions["specforge"]:
@@ -257,8 +258,9 @@ def bench_train(steps: int = 3, seq: int = 2048, hidden: int = 1024, dtypes=("fl
                 times[name].append(time.perf_counter() - start)
         for name, (version, _) in models.items():
             step_s = statistics.median(times[name])
+            model_flops = flops[not name.startswith("eaglecache")]
             rows.append({"model": name, "version": version, "dtype": dtype_name, "step_s": step_s,
-                         "tokens_per_s": d["seq"] * d["batch"] / step_s, "mfu": flops / step_s / peak,
+                         "tokens_per_s": d["seq"] * d["batch"] / step_s, "mfu": model_flops / step_s / peak,
                          "peak_gflops": peak / 1e9})
         del step_fns
         peak_after = matmul_peak(dtype)[0]

@@ -33,11 +33,6 @@ from eaglecache.formats import run as run_format
 from eaglecache.formats.draft import EXPORT_JSON
 
 SUBSET = "sharegpt-subset.jsonl"
-# Prompts per benchmark set: all 164 of HumanEval, the first 200 of the 810 held-out ShareGPT ones.
-# With all 810 and an untrained-draft baseline (`bench --untrained-baseline`, which accepts nothing:
-# tests/test_bench.py checks that) the bench was 8 of the demo's 24 minutes on 2 AVX512 cores, and
-# 13 of 37 on 2 AVX2-only cores.
-BENCH_MAX_PROMPTS = 200
 
 
 def select_conversations(target_dir: Path, num_conversations: int, output: Path) -> int:
@@ -80,7 +75,7 @@ def _done(path: Path) -> bool:
     return _cache_complete(path) if path.name == "cache" else path.exists()
 
 
-def _stage_commands(out: Path, config_path: Path) -> list[tuple[str, Path, list[str]]]:
+def _stage_commands(out: Path, config_path: Path, bench_prompts: int) -> list[tuple[str, Path, list[str]]]:
     """(title, output that marks the stage done, eaglecache argv) for each stage after selection."""
     common = ["--config", str(config_path)]
     return [
@@ -96,7 +91,7 @@ def _stage_commands(out: Path, config_path: Path) -> list[tuple[str, Path, list[
          ["export", "--run-dir", str(out / "run"), "--output", str(out / "draft"), *common]),
         ("benchmark: trained draft vs no draft (vLLM)", out / "bench" / "results.json",
          ["bench", "--draft", str(out / "draft"), "--prompts", "humaneval", "sharegpt-heldout",
-          "--output", str(out / "bench"), *common, f"serve.max_prompts={BENCH_MAX_PROMPTS}"]),
+          "--output", str(out / "bench"), *common, f"serve.max_prompts={bench_prompts}"]),
     ]
 
 
@@ -161,7 +156,7 @@ def demo(config, *, output: str | Path, overwrite: bool = False, verbose: bool =
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     timings: dict[str, float] = {}
-    stages = _stage_commands(out, config_path)
+    stages = _stage_commands(out, config_path, config.serve.demo.bench_prompts)
     total = len(stages) + 1
     start = time.perf_counter()
     print(f"=== [1/{total}] tiny target and ShareGPT training-split conversations", flush=True)

@@ -1,5 +1,6 @@
 """Shared fixtures (the embedded tiny target, built once per cache key; the default config; a data set and
-its cache; one torch.distributed rank) and the helpers several test files use (random features, a
+its cache; one vLLM engine of the target alone and one precompute engine, each started once per session;
+one torch.distributed rank) and the helpers several test files use (random features, a
 cache written by precompute's own writer): ``from conftest import ...``."""
 
 import os
@@ -54,14 +55,49 @@ def tiny_dataset(tiny_target, tmp_path_factory):
     return root / "data"
 
 
+TARGET_ENGINE_OVERRIDES = ["target.dtype=float32"]  # transformers' reference runs in float32 too
+
+
 @pytest.fixture(scope="session")
-def tiny_cache(tiny_target, tiny_dataset, tmp_path_factory):
-    """The feature cache of ``tiny_dataset``, written by `eaglecache precompute` through vLLM."""
-    from eaglecache.cli import main
+def target_engine(tiny_target):
+    """One vLLM engine of the tiny target alone (float32, configs/tiny.yaml's other vLLM settings) for every
+    module that only needs the target: its own checks, regeneration, the greedy reference of the drafts."""
+    from eaglecache.config import load_config
+    from eaglecache.data.regenerate import make_engine
+
+    llm = make_engine(load_config(None, [f"target.path={tiny_target}", *TARGET_ENGINE_OVERRIDES]), tiny_target)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+PRECOMPUTE_ENGINE_OVERRIDES = ["target.kv_cache_gib=0.25"]
+
+
+@pytest.fixture(scope="session")
+def precompute_engine(tiny_target):
+    """One precompute engine (the tiny target with hidden-state extraction of the default aux layers) for
+    the session's cache and test_precompute; what it writes where is set per run by ``run_precompute``."""
+    from eaglecache.config import load_config
+    from eaglecache.precompute.run import resolve_layers
+    from eaglecache.precompute.vllm_engine import build_engine
+
+    config = load_config(None, [f"target.path={tiny_target}", *PRECOMPUTE_ENGINE_OVERRIDES])
+    aux_layer_ids, num_layers = resolve_layers(config, tiny_target)
+    llm = build_engine(config, tiny_target, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_target, tiny_dataset, precompute_engine, tmp_path_factory):
+    """The feature cache of ``tiny_dataset``, written by `eaglecache precompute`'s own run through vLLM."""
+    from eaglecache.config import load_config
+    from eaglecache.precompute.run import run_precompute
 
     cache = tmp_path_factory.mktemp("tiny_cache") / "cache"
-    assert main(["precompute", "--input", str(tiny_dataset), "--output", str(cache),
-                 f"target.path={tiny_target}", "precompute.shard_tokens=4096", "precompute.chunk_tokens=256"]) == 0
+    config = load_config(None, [f"target.path={tiny_target}", *PRECOMPUTE_ENGINE_OVERRIDES,
+                                "precompute.shard_tokens=4096", "precompute.chunk_tokens=256"])
+    assert run_precompute(config, data=tiny_dataset, output=cache, llm=precompute_engine) == 0
     return cache
 
 

@@ -1,4 +1,5 @@
-"""`eaglecache ablate`: a 2x2 grid from one cache, its table and plots, skipped on re-run, reproducible."""
+"""`eaglecache ablate`: a grid of two keys (2 x 1 variants: each one a DeepSpeed launch) from one cache, its
+table and plots, skipped on re-run, reproducible. The cartesian product of larger grids: the unit test."""
 
 import hashlib
 import json
@@ -19,7 +20,7 @@ from test_train_launcher import processes_mentioning, sigterm_after_a_checkpoint
 TINY_TRAIN = ["train.max_steps=4", "train.global_batch_size=2", "train.micro_batch_size=1",
               "train.launcher.num_gpus=1", "train.max_seq_length=128", "train.log_interval=1",
               "train.checkpoint_interval=100", "train.dtype=float32", "train.warmup_ratio=0.0"]
-GRID = ["--grid", "train.ttt_length=[1,2]", "--grid", "train.lr=[0.001,0.01]"]
+GRID = ["--grid", "train.ttt_length=[1,2]", "--grid", "train.lr=[0.01]"]
 
 
 def _weights(path: Path) -> bytes:
@@ -62,27 +63,27 @@ def test_ablation_grid_table_plots_skip_and_reproducibility(tiny_cache, tmp_path
     args = ["ablate", "--cache", str(tiny_cache), "--output", str(out), *GRID, *TINY_TRAIN]
     assert main(args) == 0
     first = capsys.readouterr().out
-    assert "4 trained" in first
+    assert "2 trained" in first
 
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 and rows[0].startswith("variant,train.ttt_length,train.lr,step,loss,acc_0")
-    assert (out / "results.md").read_text().count("\n") == 2 + 4
+    assert len(rows) == 1 + 2 and rows[0].startswith("variant,train.ttt_length,train.lr,step,loss,acc_0")
+    assert (out / "results.md").read_text().count("\n") == 2 + 2
     assert (out / "ablation.png").stat().st_size > 10_000
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*/variant.json"))]
-    assert len(records) == 4 and all(r["status"] == "done" and r["metrics"]["step"] == 4 for r in records)
+    assert len(records) == 2 and all(r["status"] == "done" and r["metrics"]["step"] == 4 for r in records)
     assert {len([k for k in r["metrics"] if k.startswith("acc_")]) for r in records} == {1, 2}
     weights = {r["name"]: _weights(out / r["name"] / "final" / "model.safetensors") for r in records}
-    assert len(set(weights.values())) == 4, "variants must differ"
+    assert len(set(weights.values())) == 2, "variants must differ"
 
     assert main(args) == 0  # a re-run skips every finished variant
-    assert "4 skipped (done before), 0 trained" in capsys.readouterr().out
+    assert "2 skipped (done before), 0 trained" in capsys.readouterr().out
     assert all(_weights(out / n / "final" / "model.safetensors") == w for n, w in weights.items())
 
     stale = records[1]  # as if an earlier code version had trained it: trained again, the old run kept aside
     record_path = out / stale["name"] / "variant.json"
     record_path.write_text(json.dumps({**stale, "fingerprint": {**stale["fingerprint"], "code": "0ld"}}))
     assert main(args) == 0
-    assert "3 skipped (done before), 1 trained" in capsys.readouterr().out
+    assert "1 skipped (done before), 1 trained" in capsys.readouterr().out
     assert (out / ".stale" / f"{stale['name']}-0ld" / "final" / "model.safetensors").is_file()
     assert json.loads(record_path.read_text())["fingerprint"] == stale["fingerprint"]
     assert _weights(out / stale["name"] / "final" / "model.safetensors") == weights[stale["name"]]

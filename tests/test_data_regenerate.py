@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import TARGET_ENGINE_OVERRIDES
 from eaglecache.cli import main
 from eaglecache.config import load_config
 from eaglecache.data import regenerate
@@ -20,15 +21,14 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def config(tiny_target):
-    return load_config(None, [f"target.path={tiny_target}", "target.gpu_memory_utilization=0.05",
+    return load_config(None, [f"target.path={tiny_target}", *TARGET_ENGINE_OVERRIDES,
                               f"data.regenerate.max_new_tokens={MAX_NEW}", "data.regenerate.batch_size=4"])
 
 
 @pytest.fixture(scope="module")
-def engine(config, tiny_target):
-    llm = regenerate.make_engine(config, tiny_target)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+def engine(target_engine):
+    """The session's engine of the target alone: what ``regenerate.make_engine`` starts for ``config``."""
+    return target_engine
 
 
 @pytest.fixture(scope="module")

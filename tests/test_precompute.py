@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PRECOMPUTE_ENGINE_OVERRIDES
 from eaglecache.config import load_config
 from eaglecache.dtypes import TORCH_DTYPES
 from eaglecache.data.writer import write_dataset
@@ -15,12 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_target, tmp_path_factory):
-    from eaglecache.precompute.vllm_engine import build_engine
-    from eaglecache.precompute.run import resolve_layers
+def setup(tiny_target, precompute_engine, tmp_path_factory):
     from eaglecache.target import chat_template_hash, target_config, tokenizer_hash
 
-    config = load_config(None, [f"target.path={tiny_target}", "target.kv_cache_gib=0.25",
+    config = load_config(None, [f"target.path={tiny_target}", *PRECOMPUTE_ENGINE_OVERRIDES,
                                 "precompute.shard_tokens=1500", "precompute.chunk_tokens=64"])
     vocab = target_config(tiny_target)["vocab_size"]
     rng = np.random.default_rng(0)
@@ -33,10 +32,7 @@ def setup(tiny_target, tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "prepared"
     write_dataset(data, rows, {"target_path": str(tiny_target), "tokenizer_hash": tokenizer_hash(tiny_target),
                                "chat_template_hash": chat_template_hash(tiny_target), "config": {}})
-    aux_layer_ids, num_layers = resolve_layers(config, tiny_target)
-    llm = build_engine(config, tiny_target, aux_layer_ids=aux_layer_ids, num_layers=num_layers)
-    yield config, data, llm, tmp_path_factory.mktemp("caches")
-    del llm
+    return config, data, precompute_engine, tmp_path_factory.mktemp("caches")
 
 
 @pytest.fixture(scope="module")

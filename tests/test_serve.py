@@ -34,35 +34,52 @@ def _get(url, headers=None, data=None, timeout=30):
         return response.status, response.read().decode()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_target):
-    root = tmp_path_factory.mktemp("serve")
-    draft = build_untrained_draft(tiny_target, root / "draft", seed=0)
+def _start_server(root, tiny_target, draft) -> dict:
     port = _free_port()
     env = {**os.environ, "EAGLECACHE_API_KEY": API_KEY}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eaglecache.cli", "serve", "--draft", str(draft), "--port", str(port),
-         f"target.path={tiny_target}", "target.kv_cache_gib=0.25"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+    log_path = root / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eaglecache.cli", "serve", "--draft", str(draft), "--port", str(port),
+             f"target.path={tiny_target}", "target.kv_cache_gib=0.25"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900  # engine start takes 30-60 s idle, minutes on a busy shared box
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {(root / 'server.log').read_text()[-3000:]}")
+            pytest.fail(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
         try:
             if _get(base + "/health", timeout=5)[0] == 200:
-                break
+                return {"proc": proc, "base": base, "port": port, "log": log_path}
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy in 900 s")
-    yield {"proc": proc, "base": base, "port": port, "log": root / "server.log"}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
+    proc.kill()
+    pytest.fail("server did not become healthy in 900 s")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, tiny_target):
+    """The module's server, started on first use and again after a test stopped it (the SIGTERM test), so
+    every test stands alone in any order while the usual order starts one."""
+    root = tmp_path_factory.mktemp("serve")
+    draft = build_untrained_draft(tiny_target, root / "draft", seed=0)
+    started: list[dict] = []
+
+    def running() -> dict:
+        if not started or started[-1]["proc"].poll() is not None:
+            started.append(_start_server(root, tiny_target, draft))
+        return started[-1]
+
+    yield running
+    for server in started:
+        if server["proc"].poll() is None:
+            server["proc"].kill()
+            server["proc"].wait()
+
+
+@pytest.fixture
+def server(servers):
+    return servers()
 
 
 def _chat(base, key):
