@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs eaglecache with its test tools, then runs the suite.
-# Without arguments it runs every test, the end-to-end demo (tests/test_demo.py, 15-30
-# minutes on 2 cores) included; arguments go to pytest (`bash scripts/test.sh -m "not slow"`
+# Without arguments it runs every test, the end-to-end demo sized for CI (tests/test_demo.py, about
+# 6 minutes on 2 AVX512 cores) included; arguments go to pytest (`bash scripts/test.sh -m "not slow"`
 # leaves out the slow ones).
 # pytest exits 5 when it collected no test; that is a failure here, not a pass.
 set -uo pipefail

@@ -53,7 +53,8 @@ def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None =
     t = target_config(target_dir)
     aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(t["num_hidden_layers"]))
     arch = DraftArch.from_target(t, aux_layer_ids, draft_vocab_size)
-    fields = family_arch(family, mask_token_id=default_mask_token_id(t), num_layers=num_layers)
+    embedding = read_head_tensors(target_dir, which=("embed",))["embed"] if family == "dflash" else None
+    fields = family_arch(family, mask_token_id=default_mask_token_id(t, family, embedding), num_layers=num_layers)
     return replace(arch, **fields).to_json()
 
 

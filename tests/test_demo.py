@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 CONVERSATIONS = 600
 PROMPTS = 64
 SIZE = [f"serve.demo.num_conversations={CONVERSATIONS}", f"serve.demo.bench_prompts={PROMPTS}"]
-MIN_ACCEPT_LENGTH = 1.5
+MIN_ACCEPT_LENGTH = 1.4  # measured 1.66 / 1.64 (bf16 training, AVX512_BF16 EPYC)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_trained_draft_accepts_well_above_an_untrained_one(demo):
     trained = _rows(demo["results"], "trained")
     assert set(trained) == {"humaneval", "sharegpt-heldout"}
     assert {r["draft"] for r in demo["results"]["rows"]} == {"trained"}
-    assert all(row["n"] == PROMPTS for row in trained.values())
+    assert all(row["n"] + row["skipped_too_long"] == PROMPTS for row in trained.values())
     for name in trained:
         assert trained[name]["mean_accept_length"] >= MIN_ACCEPT_LENGTH, trained[name]
 

@@ -139,3 +139,41 @@ def test_dflash_loss_and_gradients_match_the_plain_reference(num_layers, draft_v
         for (name, _), g, rg in zip(draft.named_parameters(), grads, ref_grads):
             assert torch.allclose(g, rg, rtol=1e-8, atol=1e-10), (name, (g - rg).abs().max())
     assert sum(ref_count) > 0 and ref_loss > 0
+
+
+def test_a_zero_embedding_row_as_mask_token_makes_every_mask_slot_the_same():
+    """The pad-token bug: with the mask token's row zero, a one-layer draft's mask slots are identical."""
+    ids, _, aux, _ = make_batch()
+    outputs = {}
+    for row in ("zero", "trained"):
+        draft = make_draft(num_layers=1)
+        if row == "zero":
+            draft.target.embed_weight[MASK] = 0
+        with torch.no_grad():
+            block = draft.block_states(ids, aux, 4)  # [batch, anchor, slot, hidden]: slots 1.. are mask slots
+        outputs[row] = (block[:, :, 1] - block[:, :, 2]).abs().max().item()
+    assert outputs["zero"] == 0.0 and outputs["trained"] > 1e-3, outputs
+
+
+def test_the_dflash_mask_token_defaults_to_a_trained_row_and_a_zero_row_is_refused(tiny_target):
+    from eaglecache.config import load_config
+    from eaglecache.errors import UserError
+    from eaglecache.formats.draft import default_mask_token_id, embedding_row_is_zero
+    from eaglecache.target import default_aux_layer_ids, target_config
+    from eaglecache.train.main import build_draft
+
+    config = target_config(tiny_target)
+    embed = TargetHead.from_target(tiny_target).embed_weight
+    pad = config["pad_token_id"]
+    assert embedding_row_is_zero(embed, pad)  # transformers' padding_idx row: the bug's cause
+    chosen = default_mask_token_id(config, "dflash", embed)
+    assert chosen != pad and not embedding_row_is_zero(embed, chosen)
+    assert default_mask_token_id(config, "peagle") == pad  # P-EAGLE learns mask_hidden: unchanged
+    metadata = {"aux_layer_ids": default_aux_layer_ids(config["num_hidden_layers"]),
+                "vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"]}
+    settings = [f"target.path={tiny_target}", "train.draft.family=dflash", "train.dtype=float32"]
+    draft, _ = build_draft(load_config(None, settings), tiny_target, metadata, None, torch.float32)
+    assert draft.arch.mask_token_id == chosen
+    with pytest.raises(UserError, match=f"mask_token_id {pad}: the target's embedding row of that token is zero"):
+        build_draft(load_config(None, [*settings, f"train.draft.mask_token_id={pad}"]), tiny_target, metadata, None,
+                    torch.float32)

@@ -29,8 +29,9 @@ class DraftConfig(Section):
         "norm_before_fc) or one per aux layer (per_layer: vLLM's fc_norm)."
     )
     mask_token_id: Optional[int] = Field(
-        None, ge=0, description="peagle and dflash: token id of the parallel slots; null: the target's pad token, "
-        "else its end-of-sequence token, else 0."
+        None, ge=0, description="peagle and dflash: token id of the parallel slots; null: for peagle the target's "
+        "pad token, else its end-of-sequence token, else 0; for dflash the first of its mask, bos, eos and pad tokens "
+        "whose embedding row is not zero (dflash refuses a zero row: docs/draft-families.md)."
     )
     intermediate_size: Optional[int] = Field(None, ge=1, description="Draft MLP width; null uses the target's.")
     num_attention_heads: Optional[int] = Field(None, ge=1, description="Draft heads; null uses the target's.")

@@ -34,7 +34,7 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
     for all); deterministic in train.seed."""
     from dataclasses import replace
 
-    from eaglecache.formats.draft import DraftArch, default_mask_token_id, family_arch
+    from eaglecache.formats.draft import DraftArch, default_mask_token_id, embedding_row_is_zero, family_arch
     from eaglecache.target import target_config
     from eaglecache.train.draft import Eagle3Draft
     from eaglecache.train.target_head import TargetHead
@@ -62,11 +62,16 @@ def build_draft(config, target_dir: Path, source_metadata: dict[str, Any], vocab
     dc = config.train.draft
     arch = DraftArch.from_target(tcfg, wanted, draft_vocab_size, dc.intermediate_size, dc.num_attention_heads,
                                  dc.num_key_value_heads)
-    mask_token_id = default_mask_token_id(tcfg) if dc.mask_token_id is None else dc.mask_token_id
+    target = TargetHead.from_target(target_dir, config.target.weights_prefix, dtype)
+    mask_token_id = default_mask_token_id(tcfg, dc.family, target.embed_weight) if dc.mask_token_id is None \
+        else dc.mask_token_id
     if dc.family in ("peagle", "dflash") and mask_token_id >= arch.vocab_size:
         raise UserError(f"train.draft.mask_token_id {mask_token_id} is outside the target's vocab of {arch.vocab_size}")
+    if dc.family == "dflash" and embedding_row_is_zero(target.embed_weight, mask_token_id):
+        raise UserError(f"train.draft.mask_token_id {mask_token_id}: the target's embedding row of that token is zero "
+                        "(a padding row), so every DFlash mask slot would get the same zero input; pick a token "
+                        "with a trained embedding (unset, the target's bos/eos is chosen)")
     arch = replace(arch, **family_arch(dc.family, dc.aux_norm, mask_token_id, dc.num_layers))
-    target = TargetHead.from_target(target_dir, config.target.weights_prefix, dtype)
     torch.manual_seed(config.train.seed)
     if arch.family == "dflash":
         from eaglecache.train.dflash import DFlashDraft

@@ -152,17 +152,40 @@ class DraftArch:
         return self.target_hidden_size * len(self.aux_layer_ids)
 
 
-def default_mask_token_id(target: Mapping[str, Any]) -> int:
-    """The token of P-EAGLE's parallel slots when none is configured: the target's pad token, else its
-    end-of-sequence token, else 0. Any fixed id works: the slots learn ``mask_hidden``; the shared, frozen
-    embedding of that token only has to be the same in training and serving."""
-    for key in ("pad_token_id", "eos_token_id"):
-        value = target.get(key)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
+def _config_id(target: Mapping[str, Any], key: str) -> Optional[int]:
+    value = target.get(key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def default_mask_token_id(target: Mapping[str, Any], family: str = "peagle", embedding=None) -> int:
+    """The token of the parallel slots when none is configured.
+
+    P-EAGLE: the target's pad token, else its end-of-sequence token, else 0; any fixed id works, since the
+    slots learn ``mask_hidden`` and the frozen embedding of that token only has to be the same in training
+    and serving. DFlash embeds its mask slots with that embedding alone, so the row must carry a signal: a
+    pad row is zero in transformers' init (``padding_idx``) and never trained, which gives every slot the
+    same zero input. For DFlash the choice is the first of the target's mask, beginning-of-sequence,
+    end-of-sequence and pad tokens whose row of ``embedding`` (the target's, [vocab, hidden]) is not zero."""
+    if family != "dflash":
+        for key in ("pad_token_id", "eos_token_id"):
+            if _config_id(target, key) is not None:
+                return _config_id(target, key)
+        return 0
+    candidates = [_config_id(target, key) for key in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id")]
+    candidates = [c for c in candidates if c is not None] + [0]
+    if embedding is None:
+        return candidates[0]
+    return next((c for c in candidates if not embedding_row_is_zero(embedding, c)), candidates[0])
+
+
+def embedding_row_is_zero(embedding, token_id: int) -> bool:
+    """True when ``token_id``'s embedding row is (near) zero next to a typical row: a padding row."""
+    import torch
+
+    norms = embedding.float().norm(dim=-1)
+    return bool(norms[token_id] <= 1e-3 * float(torch.median(norms)))
 
 
 def family_arch(family: str, aux_norm: str = "joint", mask_token_id: Optional[int] = None,

@@ -10,11 +10,17 @@ split is by id, so all copies of an id fall on the same side.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Iterator
 
 from eaglecache.data.sharegpt import iter_sharegpt, sharegpt_path, sharegpt_to_messages
 
 Conversation = tuple[int, str, list[dict]]  # (record index in the file, record id, chat messages)
+
+
+def corpus_file() -> Path:
+    """The ShareGPT file the target is trained on (its hash is part of the build's cache key)."""
+    return sharegpt_path()
 
 
 def is_heldout(record_id: str, heldout_per_mille: int) -> bool:

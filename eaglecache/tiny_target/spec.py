@@ -70,10 +70,10 @@ def source_hash() -> str:
 def inputs_identity() -> dict:
     """What the build reads besides its spec and code: the corpus file's hash and the libraries whose
     numerics or tokenization decide the bytes written."""
-    from eaglecache.data.sharegpt import sharegpt_path
     from eaglecache.target import file_sha256
+    from eaglecache.tiny_target.corpus import corpus_file
 
-    return {"sharegpt_sha256": file_sha256(sharegpt_path()),
+    return {"sharegpt_sha256": file_sha256(corpus_file()),
             **{name: metadata.version(name) for name in ("torch", "tokenizers", "transformers")}}
 
 
