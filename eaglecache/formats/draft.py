@@ -181,11 +181,10 @@ def default_mask_token_id(target: Mapping[str, Any], family: str = "peagle", emb
 
 
 def embedding_row_is_zero(embedding, token_id: int) -> bool:
-    """True when ``token_id``'s embedding row is (near) zero next to a typical row: a padding row."""
-    import torch
-
-    norms = embedding.float().norm(dim=-1)
-    return bool(norms[token_id] <= 1e-3 * float(torch.median(norms)))
+    """True when ``token_id``'s embedding row is (near) zero next to a typical row: a padding row. The typical
+    norm is the median of about 1,024 evenly spaced rows (a 200k x 6k embedding is never copied whole)."""
+    sample = embedding[:: max(1, embedding.shape[0] // 1024)].float().norm(dim=-1)
+    return bool(embedding[token_id].float().norm() <= 1e-3 * float(sample.median()))
 
 
 def family_arch(family: str, aux_norm: str = "joint", mask_token_id: Optional[int] = None,
