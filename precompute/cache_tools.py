@@ -20,8 +20,8 @@ import numpy as np
 from eaglecache.errors import UserError
 from eaglecache.formats.bits import BF16_EXPONENT, checksum
 from eaglecache.formats.cache import (
-    CACHE_FILE, FORMAT, PART_FILE, SHARD_DOCS_GLOB, STATE_ARRAYS, VERSION, is_fp8, metadata_bytes_per_token,
-    missing_parts, read_cache_json, shard_shapes,
+    CACHE_FILE, FORMAT, PART_FILE, SHARD_DOCS_GLOB, STATE_ARRAYS, VERSION, is_aligned, is_fp8,
+    metadata_bytes_per_token, missing_parts, read_cache_json, sample_starts, shard_shapes,
 )
 from eaglecache.formats.cache_reader import CacheFiles, is_url, open_cache, read_parts
 from eaglecache.formats.shard_meta import use_fast_codec_pipeline
@@ -39,7 +39,7 @@ def run_info(cache_path: str | Path) -> int:
     tokens = cache.total_tokens
     raw_per_token = metadata_bytes_per_token(meta, fp8=False)
     done = sum(1 for _, r in parts if r["complete"])
-    print(f"cache      {cache.path} ({FORMAT} v{VERSION})")
+    print(f"cache      {cache.path} ({FORMAT} v{cache.version})")
     print(f"target     {meta['target_path']} (weights {meta['target_weights_hash'][:12]}, "
           f"{meta['num_hidden_layers']} layers, hidden {meta['hidden_size']}, vocab {meta['vocab_size']})")
     print(f"layers     aux {meta['aux_layer_ids']} + final {meta['final_layer_id']} (pre-norm); {meta['layer_convention']}")
@@ -65,8 +65,9 @@ def _nonfinite(name: str, data: np.ndarray, fp8: bool) -> int:
     return int(((data & BF16_EXPONENT) == BF16_EXPONENT).sum())
 
 
-def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -> list[str]:
-    """Problems found in one shard (empty when intact); ``path`` local or a URL under ``files``' root."""
+def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict, version: int = VERSION) -> list[str]:
+    """Problems found in one shard (empty when intact) of a cache of format ``version``; ``path`` local or a
+    URL under ``files``' root."""
     exists = path.is_dir() if isinstance(path, Path) else files.read_text(files.join(path, "zarr.json")) is not None
     if not exists:
         return ["directory missing"]
@@ -75,7 +76,9 @@ def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -
     except Exception as exc:  # damaged metadata: report, do not crash the whole check
         return [f"cannot open ({exc.__class__.__name__}: {exc})"]
     fp8 = is_fp8(meta)
-    expected = shard_shapes(shard["num_tokens"], shard["num_samples"], meta)
+    starts, num_rows = sample_starts(shard["sample_num_tokens"], meta["chunk_tokens"], is_aligned(version, meta))
+    expected = shard_shapes(shard["num_tokens"], shard["num_samples"], meta,
+                            num_rows if is_aligned(version, meta) else None)
     problems = []
     for name, shape in expected.items():
         try:
@@ -91,8 +94,10 @@ def verify_shard(files: CacheFiles, path: Path | str, shard: dict, meta: dict) -
             problems.append(f"{name}: checksum {actual} != {recorded} recorded at write")
         if (name in STATE_ARRAYS or name.removesuffix("_scale") in STATE_ARRAYS) and (bad := _nonfinite(name, data, fp8)):
             problems.append(f"{name}: {bad} NaN/Inf values")
-        if name == "offsets" and not np.array_equal(np.diff(data), shard["sample_num_tokens"]):
+        if name == "offsets" and not np.array_equal(data, np.concatenate([starts, [num_rows]])):
             problems.append("offsets disagree with the manifest's token counts")
+        if name == "num_tokens" and data.tolist() != shard["sample_num_tokens"]:
+            problems.append("num_tokens disagree with the manifest")
         if name == "sample_ids" and data.tolist() != shard["sample_ids"]:
             problems.append("sample_ids disagree with the manifest")
     return problems
@@ -112,13 +117,14 @@ def run_verify(cache_path: str | Path, repair: bool = False) -> int:
     text = files.read_text(files.join(root, CACHE_FILE))
     if text is None:
         raise UserError(f"{root}: no {CACHE_FILE} (not a feature cache)")
-    meta = read_cache_json(files.join(root, CACHE_FILE), text)["metadata"]
+    doc = read_cache_json(files.join(root, CACHE_FILE), text)
+    meta, version = doc["metadata"], doc["version"]
     parts = read_parts(root)
     shards = [(part_dir, record, shard) for part_dir, record in parts for shard in record["shards"]]
     damaged: dict[Path | str, list[dict]] = {}
     for part_dir, record, shard in tqdm(shards, desc="verify", unit="shard", dynamic_ncols=True):
         path = files.join(part_dir, shard["name"])
-        problems = verify_shard(files, path, shard, meta)
+        problems = verify_shard(files, path, shard, meta, version)
         if problems:
             damaged.setdefault(part_dir, []).append(shard)
             tqdm.write(f"DAMAGED {path}: " + "; ".join(problems))

@@ -24,7 +24,9 @@ class PrecomputeConfig(Section):
         65536, ge=1, description="Target tokens per shard; a shard is written once, as a unit. The writer holds two "
         "shards of states in host memory (one filling, one being written): 2 x tokens x (aux + 1) x hidden x 2 bytes."
     )
-    chunk_tokens: int = Field(1024, ge=1, description="Tokens per Zarr chunk inside a shard (the read unit).")
+    chunk_tokens: Optional[int] = Field(
+        None, ge=1, description="Tokens per Zarr inner chunk (the decode unit; each sample starts one). null: the power "
+        "of two holding ~256 KiB of aux states, 16-1024 (hidden 256: 256; hidden 6144: 16).")
     codec: Literal["none", "zstd", "blosc-zstd"] = Field("zstd", description="Lossless compression codec.")
     codec_level: int = Field(1, ge=0, le=22, description="Compression level of the codec.")
     fp8: bool = Field(

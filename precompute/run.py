@@ -28,7 +28,8 @@ import numpy as np
 
 from eaglecache.errors import UserError
 from eaglecache.formats.cache import (
-    FP8_DTYPE, LAYER_CONVENTION, SHARD_GLOB, listed_shards, metadata_bytes_per_token, part_dir, part_name,
+    FP8_DTYPE, LAYER_CONVENTION, SHARD_GLOB, default_chunk_tokens, listed_shards, metadata_bytes_per_token, part_dir,
+    part_name,
 )
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def cache_metadata(config, dataset, target_path, aux_layer_ids: list[int], num_p
         "compute_dtype": config.target.compute_dtype(),  # what the target computed in; stored bits are the same kind
         "codec": pc.codec,
         "codec_level": pc.codec_level,
-        "chunk_tokens": pc.chunk_tokens,
+        "chunk_tokens": pc.chunk_tokens or default_chunk_tokens(len(aux_layer_ids), int(tcfg["hidden_size"])),
         "shard_tokens": pc.shard_tokens,
         "num_parts": num_parts,
         "config": config.identity("target", "precompute"),

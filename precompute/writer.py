@@ -1,4 +1,4 @@
-"""The feature cache writer (``eaglecache.cache`` v1, eaglecache/formats/cache.py): shards and part manifests.
+"""The feature cache writer (``eaglecache.cache`` v2, eaglecache/formats/cache.py): shards and part manifests.
 
 A cache is one ``cache.json`` (format, version, metadata) and parts written by
 independent jobs; each part has a ``part.json`` listing the shards it has
@@ -13,7 +13,8 @@ docs/formats.md section 2.
 Bits are kept exactly: bf16 states are stored as their uint16 bits (zarr has no
 bfloat16). Every array uses zarr's sharding codec with one shard per array
 (one file) and inner chunks of ``chunk_tokens`` tokens, so a read touches only
-the chunks of the sample it wants. A shard's metadata documents are zarr's own,
+the chunks of the sample it wants; in a compressed cache each sample starts a chunk (format v2),
+so those chunks hold no other sample's tokens. A shard's metadata documents are zarr's own,
 made once per layout (eaglecache/formats/shard_meta.py); uncompressed arrays' files are
 written straight from the buffer (precompute/shardfile.py), compressed ones by
 zarr(s). Reading is eaglecache/formats/cache_reader.py.
@@ -35,8 +36,8 @@ import zarr
 
 from eaglecache.errors import UserError
 from eaglecache.formats.cache import (
-    CACHE_FILE, FORMAT, PART_FILE, STATE_ARRAYS, VERSION, cache_document, fingerprint, is_fp8, new_part_record,
-    parse_part_json, part_dir, read_cache_json, shard_name, shard_number,
+    CACHE_FILE, FORMAT, PART_FILE, STATE_ARRAYS, VERSION, cache_document, fingerprint, is_aligned, is_fp8,
+    new_part_record, parse_part_json, part_dir, read_cache_json, sample_starts, shard_name, shard_number,
 )
 from eaglecache.formats.bits import bf16_bits, checksum, crc32c_extend, crc32c_label, quantize_fp8
 from eaglecache.precompute.shardfile import aligned_empty, direct_write_supported, write_plain_chunk, write_shard_file
@@ -60,11 +61,12 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
                 checksums: dict[str, str] | None = None) -> dict[str, Any]:
     """Write one shard of whole samples ONCE under a temporary name, then rename it to ``path``.
 
-    ``arrays`` holds the samples' tokens concatenated: ``input_ids`` int32 [T],
-    ``loss_mask`` uint8 [T], ``aux`` uint16 [T, A, H] and ``final`` uint16 [T, H]
-    (bf16 bits); sample i is the next ``lengths[i]`` tokens. ``checksums`` may
-    already hold those arrays' checksums (taken as they were filled). Returns the
-    record that goes into part.json.
+    ``arrays`` holds the samples' rows: ``input_ids`` int32 [R], ``loss_mask`` uint8 [R],
+    ``aux`` uint16 [R, A, H] and ``final`` uint16 [R, H] (bf16 bits); sample i is ``lengths[i]``
+    rows from row ``sample_starts(lengths, chunk_tokens, is_aligned(VERSION, ...))[0][i]``, zeros
+    between samples (``ShardBuffer`` lays them out so).
+    ``checksums`` may already hold those arrays' checksums (taken as they were filled).
+    Returns the record that goes into part.json.
     """
     arrays = dict(arrays)
     checksums = {} if fp8 else dict(checksums or {})  # fp8: those of the arrays as stored, taken below
@@ -72,11 +74,17 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
         for name in STATE_ARRAYS:
             arrays[name], arrays[f"{name}_scale"] = quantize_fp8(arrays[name])
     num_tokens = int(sum(lengths))
-    arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    aligned = is_aligned(VERSION, {"codec": codec})
+    starts, num_rows = sample_starts(lengths, chunk_tokens, aligned)
+    if len(arrays["input_ids"]) != num_rows:
+        raise ValueError(f"shard arrays have {len(arrays['input_ids'])} rows, the layout {num_rows}")
+    arrays["offsets"] = np.concatenate([starts, [num_rows]]).astype(np.int64)
     arrays["sample_ids"] = np.asarray(sample_ids, dtype=np.int64)
+    if aligned:
+        arrays["num_tokens"] = np.asarray(lengths, dtype=np.int64)
 
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    per_token = {name for name in arrays if name not in ("offsets", "sample_ids")}
+    per_token = {name for name in arrays if name not in ("offsets", "sample_ids", "num_tokens")}
     docs = shard_documents(arrays, per_token, chunk_tokens=chunk_tokens, codec=codec, codec_level=codec_level,
                            attributes={"format": FORMAT, "version": VERSION, "fp8": fp8})
     write_documents(tmp, docs)
@@ -94,6 +102,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], sample_ids: list[int]
         "name": path.name,
         "num_samples": len(sample_ids),
         "num_tokens": num_tokens,
+        **({"num_rows": num_rows} if aligned else {}),
         "sample_ids": [int(x) for x in sample_ids],
         "sample_num_tokens": [int(x) for x in lengths],
         "checksums": checksums,
@@ -106,7 +115,8 @@ class ShardBuffer:
     """The per-token arrays of the shard being filled, allocated once and reused for every shard:
     fresh memory costs a page fault per 4 KiB, which on a busy host is slower than the disk."""
 
-    def __init__(self, num_aux: int, hidden_size: int, capacity: int):
+    def __init__(self, num_aux: int, hidden_size: int, capacity: int, chunk_tokens: int = 1, aligned: bool = False):
+        self.chunk_tokens, self.aligned = chunk_tokens, aligned
         self.layout = {"input_ids": ((), np.int32), "loss_mask": ((), np.uint8),
                        "aux": ((num_aux, hidden_size), np.uint16), "final": ((hidden_size,), np.uint16)}
         self.capacity = 0
@@ -119,29 +129,36 @@ class ShardBuffer:
         for name, (tail, dtype) in self.layout.items():
             self.arrays[name] = aligned_empty((capacity,) + tail, dtype)  # O_DIRECT writes it as it is
             if old:
-                self.arrays[name][: self.num_tokens] = old[name][: self.num_tokens]
+                self.arrays[name][: self.num_rows] = old[name][: self.num_rows]
         self.capacity = capacity
 
     def clear(self) -> None:
         self.sample_ids: list[int] = []
         self.lengths: list[int] = []
-        self.num_tokens = 0
+        self.num_rows = 0
         self.crcs = dict.fromkeys(self.layout, 0)
 
     def append(self, sample_id: int, arrays: dict[str, np.ndarray]) -> None:
-        start, stop = self.num_tokens, self.num_tokens + len(arrays["input_ids"])
+        start = self.num_rows  # tokens so far and the padding between samples
+        if self.aligned and start % self.chunk_tokens:
+            start += self.chunk_tokens - start % self.chunk_tokens
+        stop = start + len(arrays["input_ids"])
         if stop > self.capacity:  # one sample longer than a shard: that shard is just larger
-            self._grow(stop)
+            self._grow(max(stop, int(self.capacity * 1.25)))
+        for name in arrays:
+            if start > self.num_rows:  # the padding rows are part of the array and of its checksum
+                self.arrays[name][self.num_rows:start] = 0
+                self.crcs[name] = crc32c_extend(self.arrays[name][self.num_rows:start], self.crcs[name])
         for name, data in arrays.items():
             self.arrays[name][start:stop] = data
             # here rather than at commit: the filling thread is otherwise idle while the disk is busy
             self.crcs[name] = crc32c_extend(self.arrays[name][start:stop], self.crcs[name])
         self.sample_ids.append(int(sample_id))
         self.lengths.append(stop - start)
-        self.num_tokens = stop
+        self.num_rows = stop
 
     def filled(self) -> dict[str, np.ndarray]:
-        return {name: data[: self.num_tokens] for name, data in self.arrays.items()}
+        return {name: data[: self.num_rows] for name, data in self.arrays.items()}
 
     def checksums(self) -> dict[str, str]:
         return {name: crc32c_label(crc) for name, crc in self.crcs.items()}
@@ -203,10 +220,16 @@ class PartWriter:
             self.record = new_part_record(part_index, num_parts, metadata, sample_range)
         self.committed = {sid for shard in self.record["shards"] for sid in shard["sample_ids"]}
         self._record_lock = threading.Lock()  # the committer and ``skip`` both change the record
-        self._buffers = [ShardBuffer(self.num_aux, self.hidden_size, metadata["shard_tokens"])]
+        self.version = VERSION
+        self.aligned = is_aligned(self.version, metadata)
+        self._buffers = [self._new_buffer()]
         self._buffer = self._buffers[0]
         self._committer: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
+
+    def _new_buffer(self) -> ShardBuffer:
+        return ShardBuffer(self.num_aux, self.hidden_size, self.metadata["shard_tokens"],
+                           self.metadata["chunk_tokens"], self.aligned)
 
     @property
     def complete(self) -> bool:
@@ -222,7 +245,7 @@ class PartWriter:
         for name, shape in expected.items():
             if arrays[name].shape != shape:
                 raise ValueError(f"sample {sample_id}: {name} has shape {arrays[name].shape}, expected {shape}")
-        if self._buffer.num_tokens and self._buffer.num_tokens + num_tokens > self.metadata["shard_tokens"]:
+        if self._buffer.num_rows and self._buffer.num_rows + num_tokens > self.metadata["shard_tokens"]:
             self._submit()
         self._buffer.append(sample_id, arrays)
 
@@ -255,11 +278,11 @@ class PartWriter:
     def _submit(self) -> None:
         """Hand the filled buffer to the committer and go on filling the other one."""
         self._wait()  # one shard in flight: its buffer is the one we are about to reuse
-        if not self._buffer.num_tokens:
+        if not self._buffer.num_rows:
             return
         filled = self._buffer
         if len(self._buffers) == 1:
-            self._buffers.append(ShardBuffer(self.num_aux, self.hidden_size, self.metadata["shard_tokens"]))
+            self._buffers.append(self._new_buffer())
         self._buffer = self._buffers[1] if filled is self._buffers[0] else self._buffers[0]
         if self._committer is None:
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
@@ -297,7 +320,12 @@ def create_or_check_cache(cache_dir: str | Path, metadata: dict[str, Any]) -> Pa
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / CACHE_FILE
     if path.exists():
-        existing = read_cache_json(path)["metadata"]
+        doc = read_cache_json(path)
+        if doc["version"] != VERSION:
+            raise UserError(f"{cache_dir} is a format v{doc['version']} cache; this release writes v{VERSION}: "
+                            f"finish it with the release that began it, or convert it first (eaglecache cache "
+                            f"convert --cache {cache_dir} --output NEW)")
+        existing = doc["metadata"]
         if existing != metadata:
             keys = sorted(k for k in set(existing) | set(metadata) if existing.get(k) != metadata.get(k))
             raise UserError(f"{cache_dir} holds a cache made with other settings (differs in: {', '.join(keys)}); "

@@ -1,4 +1,4 @@
-"""The feature cache format, ``eaglecache.cache`` v1 (docs/formats.md section 2): layout, manifests, sizes.
+"""The feature cache format, ``eaglecache.cache`` v2 (v1 still read; docs/formats.md section 2): layout, manifests, sizes.
 
 A cache is one ``cache.json`` (format, version, metadata) and ``parts/``: one directory per
 precompute job (a *part*, ``part-IIIII-of-NNNNN``) with its manifest ``part.json`` and the Zarr
@@ -6,6 +6,12 @@ groups it committed (*shards*, ``shard-SSSSS.zarr``), plus the part's lock file 
 module owns those names, the metadata keys, the reading and validation of cache.json and
 part.json, the fingerprint that ties a part to its cache, and the bytes one token takes. The
 writer is precompute/writer.py, the reader eaglecache/formats/cache_reader.py; both import the layout from here.
+
+Version 2 differs from 1 in where a sample's rows are: in a compressed cache each sample starts an
+inner chunk (the rows after a sample up to the next chunk boundary are zeros, which compress to
+nearly nothing), so reading a sample decodes its own tokens and no neighbour's; v1 packed samples
+back to back, and a 210-token sample read through 1,024-token chunks decoded 5.9x its tokens.
+``sample_starts`` is the rule both sides use.
 """
 
 from __future__ import annotations
@@ -15,11 +21,14 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from eaglecache.errors import UserError
 
 FORMAT = "eaglecache.cache"
 PART_FORMAT = "eaglecache.cache.part"
-VERSION = 1
+VERSION = 2  # what the writer writes
+READABLE_VERSIONS = (1, 2)
 CACHE_FILE = "cache.json"
 PART_FILE = "part.json"
 PARTS_DIR = "parts"
@@ -85,11 +94,50 @@ def metadata_bytes_per_token(metadata: dict[str, Any], fp8: bool | None = None) 
                            is_fp8(metadata) if fp8 is None else fp8)
 
 
-def shard_shapes(num_tokens: int, num_samples: int, metadata: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The arrays of a shard of ``num_samples`` samples and ``num_tokens`` tokens, with their shapes."""
-    t, a, h = num_tokens, len(metadata["aux_layer_ids"]), int(metadata["hidden_size"])
+CHUNK_TARGET_BYTES = 256 << 10  # aux bytes per inner chunk when chunk_tokens is left to the writer
+MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 16, 1024
+
+
+def default_chunk_tokens(num_aux_layers: int, hidden_size: int) -> int:
+    """Tokens per inner chunk for a cache whose config leaves it open: the power of two that holds about
+    ``CHUNK_TARGET_BYTES`` of aux states, within [16, 1024]. Requests do not depend on it (a v2 sample's
+    chunks are one byte range); zstd decodes ~100 KiB chunks as fast as larger ones and smaller ones up
+    to 30 % slower (demo states, 2026-12-07), and smaller chunks pad less in a cache stored uncompressed.
+    Hidden 256 x 3 aux layers: 256 tokens; hidden 6144: 16."""
+    row = 2 * num_aux_layers * hidden_size
+    tokens = 1 << max(0, (CHUNK_TARGET_BYTES // row - 1).bit_length())
+    return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, tokens))
+
+
+def is_aligned(version: int, metadata: dict[str, Any]) -> bool:
+    """Whether samples start at chunk boundaries: v2 caches with a codec (uncompressed rows are read as exact
+    byte ranges whatever their chunk, so padding them would only cost disk)."""
+    return version >= 2 and metadata["codec"] != "none"
+
+
+def sample_starts(lengths, chunk_tokens: int, aligned: bool) -> tuple[np.ndarray, int]:
+    """(first row of each sample, rows of the shard's per-token arrays) for samples of ``lengths`` tokens in
+    stored order: back to back, or (``aligned``) each at the next multiple of ``chunk_tokens``; the rows
+    end with the last sample (zarr fills the rest of its chunk)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not aligned:
+        starts = np.cumsum(lengths) - lengths
+    else:
+        padded = -(-lengths // chunk_tokens) * chunk_tokens
+        starts = np.cumsum(padded) - padded
+    rows = int(starts[-1] + lengths[-1]) if len(lengths) else 0
+    return starts, rows
+
+
+def shard_shapes(num_tokens: int, num_samples: int, metadata: dict[str, Any],
+                 num_rows: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The arrays of a shard of ``num_samples`` samples and ``num_tokens`` tokens stored in ``num_rows`` rows
+    (v2, aligned: more than its tokens), with their shapes."""
+    t, a, h = num_tokens if num_rows is None else num_rows, len(metadata["aux_layer_ids"]), int(metadata["hidden_size"])
     shapes = {"input_ids": (t,), "loss_mask": (t,), "aux": (t, a, h), "final": (t, h),
               "offsets": (num_samples + 1,), "sample_ids": (num_samples,)}
+    if num_rows is not None:
+        shapes["num_tokens"] = (num_samples,)
     if is_fp8(metadata):
         shapes.update(aux_scale=(t, a), final_scale=(t,))
     return shapes
@@ -100,9 +148,9 @@ def fingerprint(metadata: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
 
 
-def cache_document(metadata: dict[str, Any]) -> dict[str, Any]:
+def cache_document(metadata: dict[str, Any], version: int = VERSION) -> dict[str, Any]:
     """What cache.json holds."""
-    return {"format": FORMAT, "version": VERSION, "metadata": metadata}
+    return {"format": FORMAT, "version": version, "metadata": metadata}
 
 
 def read_cache_json(path: Path | str, text: str | None = None) -> dict[str, Any]:
@@ -113,8 +161,9 @@ def read_cache_json(path: Path | str, text: str | None = None) -> dict[str, Any]
         raise UserError(f"{path}: not a readable {CACHE_FILE} ({exc.__class__.__name__})") from None
     if doc.get("format") != FORMAT:
         raise UserError(f"{path}: not an eaglecache feature cache (format {doc.get('format')!r})")
-    if doc.get("version") != VERSION:
-        raise UserError(f"{path}: cache format version {doc.get('version')!r} is not supported (this code reads v{VERSION})")
+    if doc.get("version") not in READABLE_VERSIONS:
+        raise UserError(f"{path}: cache format version {doc.get('version')!r} is not supported "
+                        f"(this code reads v{', v'.join(map(str, READABLE_VERSIONS))})")
     return doc
 
 
@@ -132,9 +181,9 @@ def parse_part_json(path: Path | str, text: str | None) -> dict[str, Any]:
         record = json.loads(text or "")
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: unreadable ({exc.__class__.__name__})") from None
-    if record.get("format") != PART_FORMAT or record.get("version") != VERSION:
+    if record.get("format") != PART_FORMAT or record.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{path}: part format {record.get('format')!r} v{record.get('version')!r} "
-                        f"is not supported (this code reads {PART_FORMAT} v{VERSION})")
+                        f"is not supported (this code reads {PART_FORMAT} v{', v'.join(map(str, READABLE_VERSIONS))})")
     return record
 
 

@@ -1,4 +1,4 @@
-"""Reading the feature cache (``eaglecache.cache`` v1): ``open_cache`` and the read-only ``FeatureCache``.
+"""Reading the feature cache (``eaglecache.cache`` v1 and v2): ``open_cache`` and the read-only ``FeatureCache``.
 
 The layout is eaglecache/formats/cache.py and the writer precompute/writer.py; this module only reads:
 opening checks the format version and the parts, builds the sample index from
@@ -34,7 +34,8 @@ import zarr
 
 from eaglecache.errors import UserError
 from eaglecache.formats.cache import (
-    CACHE_FILE, PART_FILES_GLOB, STATE_ARRAYS, fingerprint, is_fp8, missing_parts, parse_part_json, read_cache_json,
+    CACHE_FILE, PART_FILES_GLOB, STATE_ARRAYS, fingerprint, is_aligned, is_fp8, missing_parts, parse_part_json,
+    read_cache_json, sample_starts,
 )
 from eaglecache.formats.bits import bits_to_bf16, dequantize_fp8
 from eaglecache.formats.shard_meta import consolidated_metadata, use_fast_codec_pipeline
@@ -153,8 +154,11 @@ class FeatureCache:
         text = self.files.read_text(cache_json)
         if text is None:
             raise UserError(f"{self.path}: no {CACHE_FILE} (not a feature cache, or precompute has not started)")
-        self.metadata: dict[str, Any] = read_cache_json(cache_json, text)["metadata"]
+        doc = read_cache_json(cache_json, text)
+        self.version: int = doc["version"]
+        self.metadata: dict[str, Any] = doc["metadata"]
         self.fp8 = is_fp8(self.metadata)
+        aligned = is_aligned(self.version, self.metadata)
         self.parts = read_parts(self.path)
         self._check_parts(allow_partial)
         self.skipped = [s for _, record in self.parts for s in record["skipped"]]
@@ -165,7 +169,7 @@ class FeatureCache:
                 n = np.asarray(shard["sample_num_tokens"], dtype=np.int64)
                 ids.append(np.asarray(shard["sample_ids"], dtype=np.int64))
                 shard_of.append(np.full(len(n), len(self.shard_paths), dtype=np.int32))
-                starts.append(np.cumsum(n) - n)
+                starts.append(sample_starts(n, self.metadata["chunk_tokens"], aligned)[0])
                 lengths.append(n)
                 self.shard_paths.append(self.files.join(part_dir, shard["name"]))
         cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
@@ -237,6 +241,20 @@ class FeatureCache:
                 states[name] = bits_to_bf16(shard.read(name, start, stop))
         return Sample(input_ids=shard.read("input_ids", start, stop), loss_mask=shard.read("loss_mask", start, stop),
                       aux=states["aux"], final=states["final"], sample_id=int(sample_id))
+
+    @property
+    def reads_into(self) -> bool:
+        """Whether ``read_rows_into`` gives the states as ``read`` does (bf16 bits as stored; not FP8)."""
+        return not self.fp8
+
+    def read_rows_into(self, sample_id: int, name: str, first: int, out: np.ndarray) -> None:
+        """Rows ``first:first + len(out)`` of sample ``sample_id``'s array ``name`` as stored (bf16 states as
+        uint16 bits) into ``out``, decoded in place: the loader's path, with no copy between."""
+        i = self._find(sample_id)
+        if not 0 <= first <= first + len(out) <= self._length[i]:
+            raise IndexError(f"rows {first}:{first + len(out)} of sample {sample_id} ({self._length[i]} tokens)")
+        start = int(self._start[i]) + first
+        self.shard(int(self._shard_of[i])).read_into(name, start, start + len(out), out)
 
     def prefetch(self, sample_ids) -> None:
         """Start reading these samples' states from disk in the background (a hint: a local cache only;

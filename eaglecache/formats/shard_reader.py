@@ -12,13 +12,14 @@ parsed once, each array's index is read and checked once, and a read of rows ``s
 - codec ``none``: ONE read of exactly those rows' bytes (chunks written back to back, as our
   writer writes them, are one byte range), no decode, no copy beyond the read itself;
 - compressed (``zstd``, ``blosc``): one read per run of adjacent inner chunks, each chunk
-  decoded with numcodecs, the very codec objects zarr's own ``ZstdCodec``/``BloscCodec`` call.
-  What remains is inherent to the layout: a sample decodes the whole chunks it touches (1,024-token
-  chunks cost ~5x the bytes of a 210-token sample; ``chunk_tokens`` 64 ~1.3x), and zstd decodes
-  at ~0.8 GB/s per core here, so a cache read in shuffled order is fastest uncompressed;
+  decoded with numcodecs, the very codec objects zarr's own ``ZstdCodec``/``BloscCodec`` call,
+  straight into the caller's buffer (``read_into``) where the chunk's rows are all wanted. In a
+  format-v2 cache each sample starts a chunk, so a sample is one run and decodes only its own rows;
+  in v1 it decodes the whole chunks it shares with its neighbours;
 - arrays of at most ``WHOLE_FILE_BYTES`` (token ids, masks, FP8 scales) are read whole once per shard;
-- ``prefetch`` hints the kernel (``POSIX_FADV_WILLNEED``) to fetch ranges read soon, so the disk
-  works while the reader decodes.
+- ``prefetch`` hints the kernel (``POSIX_FADV_WILLNEED``, in pieces of ``HINT_BYTES``: Linux caps
+  one hint at the device's read-ahead size) to fetch ranges read soon, so the disk works while the
+  reader decodes.
 
 Any other layout (a codec we do not decode, chunks not made of whole rows) reports
 ``supported() == False`` and the caller reads it through zarr. tests/test_reader.py checks the
@@ -38,6 +39,7 @@ import numpy as np
 _MISSING = np.uint64(2**64 - 1)  # an inner chunk never written: all fill value
 _INDEX_ENTRY_BYTES = 16
 WHOLE_FILE_BYTES = 4 << 20  # arrays this small (token ids, masks, FP8 scales) are read whole, once per shard
+HINT_BYTES = 4 << 20  # one POSIX_FADV_WILLNEED per piece: a single 256 MiB hint brought in 8 MiB, 4 MiB pieces all
 
 
 def _little_bytes(codec: dict) -> bool:
@@ -122,7 +124,8 @@ class ByteSource:
     def will_need(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading this range now (a local file; nothing for a URL)."""
         if self._fd is not None and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+            for piece in range(offset, offset + nbytes, HINT_BYTES):
+                os.posix_fadvise(self._fd, piece, min(HINT_BYTES, offset + nbytes - piece), os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -160,18 +163,26 @@ class ShardArray:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as a new C-contiguous array."""
+        out = np.empty((max(0, stop - start),) + self.row_shape, self.dtype)
+        self.read_into(start, stop, out)
+        return out
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``start:stop`` into ``out`` (C-contiguous, that shape, this dtype): read and decoded in place,
+        without an intermediate copy, except for chunks only partly wanted."""
         if not 0 <= start <= stop <= self.shape[0]:
             raise IndexError(f"rows {start}:{stop} out of range for {self.shape[0]} rows")
-        out_shape = (stop - start,) + self.row_shape
         if stop == start:
-            return np.zeros(out_shape, self.dtype)
+            return
         if self._small is None:
             self._small = self.source.size() <= WHOLE_FILE_BYTES
         if self._small:
             if self._whole is None:
-                self._whole = self._read_rows(0, self.shape[0])
-            return self._whole[start:stop].copy()
-        return self._read_rows(start, stop)
+                self._whole = np.empty((self.shape[0],) + self.row_shape, self.dtype)
+                self._read_rows_into(0, self.shape[0], self._whole)
+            out[...] = self._whole[start:stop]
+            return
+        self._read_rows_into(start, stop, out)
 
     def prefetch(self, start: int, stop: int) -> None:
         """Start the disk on rows ``start:stop`` without waiting, so that a later ``read`` finds them in
@@ -201,27 +212,30 @@ class ShardArray:
             return None
         return int(offsets[0]) + (start - first * self.rows_per_chunk) * self.row_bytes, (stop - start) * self.row_bytes
 
-    def _read_rows(self, start: int, stop: int) -> np.ndarray:
-        out_shape = (stop - start,) + self.row_shape
+    def _read_rows_into(self, start: int, stop: int, out: np.ndarray) -> None:
         exact = self._row_bytes_range(start, stop)
         if exact is not None:  # no decode: one read of exactly these rows' bytes, straight into the result
-            out = np.empty(out_shape, self.dtype)
             self.source.read_into(exact[0], memoryview(out).cast("B"))
-            return out
+            return
         first, last = start // self.rows_per_chunk, (stop - 1) // self.rows_per_chunk
         entries = self.index()[first:last + 1]
-        offsets, sizes = entries[:, 0], entries[:, 1]
-        out = np.empty(out_shape, self.dtype)
-        for chunk, block in self._chunks(first, offsets, sizes):
-            lo = max(start, chunk * self.rows_per_chunk)
-            hi = min(stop, (chunk + 1) * self.rows_per_chunk)
+        for chunk, data in self._chunks(first, entries[:, 0], entries[:, 1]):
             base = chunk * self.rows_per_chunk
-            out[lo - start:hi - start] = 0 if block is None else block[lo - base:hi - base]
-        return out
+            lo, hi = max(start, base), min(stop, base + self.rows_per_chunk)
+            target = out[lo - start:hi - start]
+            if data is None:
+                target[...] = 0
+            elif isinstance(data, np.ndarray):  # the chunk decoded last time (v1 neighbours share edge chunks)
+                target[...] = data[lo - base:hi - base]
+            elif self.decode is not None and lo == base and hi == base + self.rows_per_chunk:
+                self.decode(data, out=target)  # the whole chunk is wanted: decode straight into the result
+            else:
+                block = self._decoded(chunk, data)
+                target[...] = block[lo - base:hi - base]
 
     def _chunks(self, first: int, offsets: np.ndarray, sizes: np.ndarray):
-        """(chunk number, decoded rows or None for a missing chunk) of the chunks from ``first`` on, read in
-        as few reads as there are runs of adjacent chunks in the file."""
+        """(chunk number, its encoded bytes, or its rows when decoded last time, or None for a missing chunk)
+        of the chunks from ``first`` on, read in as few reads as there are runs of adjacent chunks in the file."""
         pending = []  # (chunk, offset, size) still to read
         for i, (offset, size) in enumerate(zip(offsets.tolist(), sizes.tolist())):
             chunk = first + i
@@ -238,13 +252,13 @@ class ShardArray:
                 begin = run[0][1]
                 data = memoryview(self.source.read(begin, run[-1][1] + run[-1][2] - begin))
                 for chunk, offset, size in run:
-                    yield chunk, self._decoded(chunk, data[offset - begin:offset - begin + size])
+                    yield chunk, data[offset - begin:offset - begin + size]
                 run = []
             if item is not None:
                 run.append(item)
 
     def _decoded(self, chunk: int, data: memoryview) -> np.ndarray:
-        raw = data if self.decode is None else self.decode(data)
+        raw = data if self.decode is None else self.decode(data, out=np.empty(self.rows_per_chunk * self.row_bytes, np.uint8))
         block = np.frombuffer(raw, dtype=self.dtype).reshape((self.rows_per_chunk,) + self.row_shape)
         self._last = (chunk, block)
         return block
@@ -261,6 +275,9 @@ class _ZarrRows:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.array[start:stop]
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        out[...] = self.array[start:stop]
 
     def close(self) -> None:
         pass
@@ -294,6 +311,9 @@ class ShardArrays:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.array(name).read(start, stop)
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        self.array(name).read_into(start, stop, out)
 
     def prefetch(self, name: str, start: int, stop: int) -> None:
         arr = self.array(name)
