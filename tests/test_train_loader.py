@@ -140,3 +140,37 @@ def test_too_few_samples_or_an_uneven_batch_is_a_user_error():
         make_plan(source, global_batch=4)
     with pytest.raises(UserError, match="not a multiple"):
         make_plan(source, global_batch=3, micro_batch=2)
+
+
+def _batch_hashes(loader) -> list[tuple[int, str]]:
+    import hashlib
+
+    hashes = []
+    for step, batches in loader:
+        digest = hashlib.sha256()
+        for batch in batches:
+            for tensor in batch.model_inputs():
+                digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        hashes.append((step, digest.hexdigest()))
+    return hashes
+
+
+def test_cache_batches_are_identical_for_any_worker_count_and_across_a_resume(tmp_path):
+    samples = random_samples(num=40, min_len=1, max_len=70)  # samples over several chunks, and 1-token ones
+    cache = write_cache(tmp_path / "cache", samples)
+    plan = make_plan(cache, world_size=2, global_batch=8, micro_batch=2)
+    loader = lambda workers: StreamingLoader(cache, plan, rank=1, max_seq_length=48, total_steps=10,  # noqa: E731
+                                             workers=workers, prefetch=2)
+    expected = _batch_hashes(loader(1))
+    assert _batch_hashes(loader(4)) == expected and len(expected) == 10
+    memory = InMemoryFeatures(samples, METADATA)  # the generic path (``read``): the decode-in-place path equals it
+    assert _batch_hashes(StreamingLoader(memory, plan, rank=1, max_seq_length=48, total_steps=10, workers=0)) == expected
+    partial = loader(4)
+    seen = []
+    for step, batches in partial:
+        seen.append(step)
+        if step == 3:
+            break
+    resumed = loader(4)
+    resumed.load_state_dict(partial.state_dict())
+    assert expected[:4] + _batch_hashes(resumed) == expected

@@ -164,6 +164,8 @@ class StreamingLoader:
 
     def load_micro_batch(self, sample_ids: list[int]) -> Batch:
         source = self._thread_source()
+        if getattr(source, "reads_into", False):
+            return self._decode_micro_batch(source, sample_ids)
         if hasattr(source, "prefetch"):  # the disk fetches the later samples while the first is decoded
             source.prefetch(sample_ids[1:])
         samples = [source.read(sid) for sid in sample_ids]
@@ -185,10 +187,46 @@ class StreamingLoader:
             if n > 0:
                 mask[row, n - 1] = 0  # the last real position has no next-token teacher
         ids, mask, aux, final = shift_sample_tensors(ids, mask, aux, final)
-        batch = Batch(ids, mask, aux, final, [int(s) for s in sample_ids], num_tokens)
-        if self.pin_memory:
-            batch = Batch(ids.pin_memory(), mask.pin_memory(), aux.pin_memory(), final.pin_memory(),
-                          batch.sample_ids, num_tokens)
+        return self._finish(Batch(ids, mask, aux, final, [int(s) for s in sample_ids], num_tokens))
+
+    def _decode_micro_batch(self, source, sample_ids: list[int]) -> Batch:
+        """The same batch as the generic path, with each state decoded once, straight into its place in the
+        batch: the TTT shift is where ``final``'s rows land (row t + 1 of the sample into position t), the
+        padding is the only part zeroed, and the batch is allocated pinned when it goes to a GPU."""
+        lengths = [min(self.max_seq_length, source.num_tokens(sid)) for sid in sample_ids]
+        batch_size, length = len(sample_ids), max(lengths)
+        num_aux, hidden = len(source.metadata["aux_layer_ids"]), int(source.metadata["hidden_size"])
+        empty = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype, pin_memory=self.pin_memory)  # noqa: E731
+        ids, mask = torch.zeros(batch_size, length, dtype=torch.int64), torch.zeros(batch_size, length, dtype=torch.uint8)
+        num_selected = num_aux if self.aux_indices is None else len(self.aux_indices)
+        aux, final = empty(batch_size, length, num_selected, hidden), empty(batch_size, length, hidden)
+        aux_bits, final_bits = (t.view(torch.int16).numpy().view(np.uint16) for t in (aux, final))
+        for row, (sid, n) in enumerate(zip(sample_ids, lengths)):
+            if n == 0:
+                aux_bits[row], final_bits[row] = 0, 0
+                continue
+            tokens = np.empty(n, np.int32)
+            source.read_rows_into(sid, "input_ids", 0, tokens)
+            ids[row, :n - 1] = torch.from_numpy(tokens[1:])
+            sample_mask = np.empty(n, np.uint8)
+            source.read_rows_into(sid, "loss_mask", 0, sample_mask)
+            mask[row, :n - 1] = torch.from_numpy(sample_mask[:n - 1])  # the last real position has no teacher
+            if self.aux_indices is None:
+                source.read_rows_into(sid, "aux", 0, aux_bits[row, :n])
+            else:
+                every = np.empty((n, num_aux, hidden), np.uint16)
+                source.read_rows_into(sid, "aux", 0, every)
+                aux_bits[row, :n] = every[:, self.aux_indices]
+            source.read_rows_into(sid, "final", 1, final_bits[row, :n - 1])
+            aux_bits[row, n:] = 0
+            final_bits[row, n - 1:] = 0
+        return self._finish(Batch(ids, mask, aux, final, [int(s) for s in sample_ids], int(sum(lengths))))
+
+    def _finish(self, batch: Batch) -> Batch:
+        if self.pin_memory and not batch.aux.is_pinned():
+            move = lambda x: x.pin_memory()  # noqa: E731
+            batch = Batch(move(batch.input_ids), move(batch.loss_mask), move(batch.aux), move(batch.final),
+                          batch.sample_ids, batch.num_tokens)
         return batch
 
     def __iter__(self) -> Iterator[tuple[int, list[Batch]]]:
@@ -196,12 +234,17 @@ class StreamingLoader:
                 for mb in self.plan.rank_micro_batches(step, self.rank))
         per_step = self.plan.accumulation_steps
         if self.workers == 0:
-            pending = hint = None
+            pending = None
         else:
             pool = ThreadPoolExecutor(self.workers, thread_name_prefix="eaglecache-loader")
             pending = collections.deque()
-            # this thread's own source (workers read their copies); a hint only moves pages into the page cache
-            hint = getattr(self.source, "prefetch", None)
+            # the disk stage: one thread asks the kernel for the queued micro-batches' bytes, in plan order and
+            # ahead of the decoders, so reads are in flight while they decode (a hint only fills the page cache;
+            # it reads with its own copy of the source, as the workers do)
+            hinter = ThreadPoolExecutor(1, thread_name_prefix="eaglecache-readahead")
+            hint_source = pickle.loads(pickle.dumps(self.source)) if hasattr(self.source, "prefetch") else None
+            if hint_source is not None:  # hinted twice as far ahead as micro-batches are queued for decoding
+                work = _hinted(work, lambda ids: hinter.submit(hint_source.prefetch, ids), 2 * self.prefetch * per_step)
         try:
             batches = []
             while True:
@@ -215,8 +258,6 @@ class StreamingLoader:
                         item = next(work, None)
                         if item is None:
                             break
-                        if hint is not None:  # the disk fetches queued micro-batches while workers decode
-                            hint(item[1])
                         pending.append((item[0], pool.submit(self.load_micro_batch, item[1])))
                     if not pending:
                         return
@@ -231,4 +272,16 @@ class StreamingLoader:
             if pending is not None:
                 for _, future in pending:
                     future.cancel()
+                hinter.shutdown(wait=True, cancel_futures=True)
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _hinted(work, hint, depth: int):
+    """``work``'s items, each passed to ``hint`` (its sample ids) ``depth`` items before it is yielded."""
+    ahead: collections.deque = collections.deque()
+    for item in work:
+        hint(item[1])
+        ahead.append(item)
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    yield from ahead
