@@ -1,4 +1,4 @@
-"""``eaglecache precompute``, ``eaglecache cache info|verify`` and ``eaglecache plan``: the precompute stage's
+"""``eaglecache precompute``, ``eaglecache cache info|verify|convert`` and ``eaglecache plan``: the precompute stage's
 commands. Only this module sees the parsed arguments; it calls the typed stage functions."""
 
 from eaglecache import outputs
@@ -27,6 +27,13 @@ def _verify(config, args):
     from eaglecache.precompute.cache_tools import run_verify
 
     return run_verify(take_positional(args, "cache", "--cache"), repair=args.repair)
+
+
+def _convert(config, args):
+    from eaglecache.precompute.convert import run_convert
+
+    outputs.claim_output(args.output, args.overwrite, "cache convert", lambda path: False)  # never onto a cache unasked
+    return run_convert(config, cache=take_positional(args, "cache", "--cache"), output=args.output)
 
 
 def _plan(config, args):
@@ -70,6 +77,13 @@ def register(subparsers) -> None:
     _add_cache_arg(p)
     p.add_argument("--repair", action="store_true",
                    help="Re-queue damaged samples for the next precompute run (local caches only).")
+    p = add_command(sub, "convert", _convert,
+                    "Rewrite a cache in this release's format (v2), or with the codec, level and chunk size of "
+                    "precompute.codec / codec_level / chunk_tokens, without the target: the same bits, verified.")
+    _add_cache_arg(p)
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="The new cache (must not exist; written under DIR.converting, renamed when verified).")
+    outputs.add_overwrite_flag(p)
 
     p = add_command(subparsers, "plan", _plan,
                     "Storage and bandwidth plan of a cache: tokens, bytes per codec, shards, write/read rates.")
