@@ -216,6 +216,9 @@ class PartWriter:
             self.record = parse_part_json(path, path.read_text())
             if self.record.get("cache_fingerprint") != fingerprint(metadata):
                 raise UserError(f"{self.dir}: written with other settings than {CACHE_FILE}; remove it to redo it")
+            if self.record["version"] != VERSION and not self.record["complete"]:  # its shards' layout is not ours
+                raise UserError(f"{self.dir}: an unfinished part of a format v{self.record['version']} cache; finish "
+                                f"it with the release that began it, or convert the cache (eaglecache cache convert)")
         else:
             self.record = new_part_record(part_index, num_parts, metadata, sample_range)
         self.committed = {sid for shard in self.record["shards"] for sid in shard["sample_ids"]}

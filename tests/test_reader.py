@@ -175,18 +175,18 @@ def test_the_loader_hints_every_micro_batch_it_queues_and_its_batches_do_not_cha
     from eaglecache.train.loader import SamplePlan, StreamingLoader
 
     cache = _write_cache(tmp_path, codec="zstd", num_samples=16, seed=6)
-    hinted = []  # by the loop that queues micro-batches (workers also hint within their batch)
+    hinted = []  # by the loader's read-ahead thread, in the order it asks the kernel
     original = FeatureCache.prefetch
     monkeypatch.setattr(FeatureCache, "prefetch", lambda self, ids: (
-        hinted.extend(int(s) for s in ids) if threading.current_thread() is threading.main_thread() else None,
-        original(self, ids))[1])
+        hinted.extend(int(s) for s in ids) if threading.current_thread().name.startswith("eaglecache-readahead")
+        else None, original(self, ids))[1])
     plan = SamplePlan(cache.sample_ids, cache.num_tokens_array(), seed=3, global_batch_size=4,
                       micro_batch_size=2, world_size=1)
     threaded = list(StreamingLoader(cache, plan, rank=0, max_seq_length=64, total_steps=4, workers=2, prefetch=2))
-    queued = list(hinted)  # the inline run below hints within its batches, on this thread
+    queued = list(hinted)
     inline = list(StreamingLoader(open_cache(tmp_path), plan, rank=0, max_seq_length=64, total_steps=4, workers=0))
     read = [sid for _, batches in threaded for b in batches for sid in b.sample_ids]
-    assert sorted(queued) == sorted(read) and len(read) == 16
+    assert queued == read and len(read) == 16  # every sample, in the plan's order
     for (step_a, a), (step_b, b) in zip(threaded, inline):
         assert step_a == step_b
         for x, y in zip(a, b):

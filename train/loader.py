@@ -191,35 +191,43 @@ class StreamingLoader:
 
     def _decode_micro_batch(self, source, sample_ids: list[int]) -> Batch:
         """The same batch as the generic path, with each state decoded once, straight into its place in the
-        batch: the TTT shift is where ``final``'s rows land (row t + 1 of the sample into position t), the
-        padding is the only part zeroed, and the batch is allocated pinned when it goes to a GPU."""
+        batch. In a v2 cache (``source.chunk_rows``) whole chunks are decoded into rows that have room for
+        them: the zeros stored after a sample are its padding, and ``final`` is a view one row into its
+        buffer, which is the TTT shift. Elsewhere rows are decoded into place and the padding zeroed. The
+        buffers are allocated pinned when the batch goes to a GPU."""
         lengths = [min(self.max_seq_length, source.num_tokens(sid)) for sid in sample_ids]
         batch_size, length = len(sample_ids), max(lengths)
         num_aux, hidden = len(source.metadata["aux_layer_ids"]), int(source.metadata["hidden_size"])
-        empty = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype, pin_memory=self.pin_memory)  # noqa: E731
+        chunk = getattr(source, "chunk_rows", None) if self.aux_indices is None else None
+        rows = length + 1 if chunk is None else max(length + 1, -(-length // chunk) * chunk)
+        empty = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, pin_memory=self.pin_memory)  # noqa: E731
         ids, mask = torch.zeros(batch_size, length, dtype=torch.int64), torch.zeros(batch_size, length, dtype=torch.uint8)
         num_selected = num_aux if self.aux_indices is None else len(self.aux_indices)
-        aux, final = empty(batch_size, length, num_selected, hidden), empty(batch_size, length, hidden)
-        aux_bits, final_bits = (t.view(torch.int16).numpy().view(np.uint16) for t in (aux, final))
+        aux_buffer, final_buffer = empty(batch_size, rows, num_selected, hidden), empty(batch_size, rows, hidden)
+        aux_bits, final_bits = (t.view(torch.int16).numpy().view(np.uint16) for t in (aux_buffer, final_buffer))
         for row, (sid, n) in enumerate(zip(sample_ids, lengths)):
-            if n == 0:
-                aux_bits[row], final_bits[row] = 0, 0
-                continue
-            tokens = np.empty(n, np.int32)
-            source.read_rows_into(sid, "input_ids", 0, tokens)
-            ids[row, :n - 1] = torch.from_numpy(tokens[1:])
-            sample_mask = np.empty(n, np.uint8)
-            source.read_rows_into(sid, "loss_mask", 0, sample_mask)
-            mask[row, :n - 1] = torch.from_numpy(sample_mask[:n - 1])  # the last real position has no teacher
-            if self.aux_indices is None:
-                source.read_rows_into(sid, "aux", 0, aux_bits[row, :n])
-            else:
-                every = np.empty((n, num_aux, hidden), np.uint16)
-                source.read_rows_into(sid, "aux", 0, every)
-                aux_bits[row, :n] = every[:, self.aux_indices]
-            source.read_rows_into(sid, "final", 1, final_bits[row, :n - 1])
-            aux_bits[row, n:] = 0
-            final_bits[row, n - 1:] = 0
+            if n > 0:
+                tokens = np.empty(n, np.int32)
+                source.read_rows_into(sid, "input_ids", 0, tokens)
+                ids[row, :n - 1] = torch.from_numpy(tokens[1:])
+                sample_mask = np.empty(n, np.uint8)
+                source.read_rows_into(sid, "loss_mask", 0, sample_mask)
+                mask[row, :n - 1] = torch.from_numpy(sample_mask[:n - 1])  # the last real position has no teacher
+            if chunk is not None:  # whole chunks in place; final's buffer row t holds the sample's row t
+                done = source.read_chunks_into(sid, "aux", n, aux_bits[row])
+                source.read_chunks_into(sid, "final", n, final_bits[row])
+            else:  # rows in place, final's row t at buffer row t all the same (the view shifts it)
+                done = n
+                if self.aux_indices is None:
+                    source.read_rows_into(sid, "aux", 0, aux_bits[row, :n])
+                elif n > 0:
+                    every = np.empty((n, num_aux, hidden), np.uint16)
+                    source.read_rows_into(sid, "aux", 0, every)
+                    aux_bits[row, :n] = every[:, self.aux_indices]
+                source.read_rows_into(sid, "final", 0, final_bits[row, :n])
+            aux_bits[row, done:] = 0
+            final_bits[row, done:] = 0
+        aux, final = aux_buffer[:, :length], final_buffer[:, 1:length + 1]  # the shift: position t gets row t + 1
         return self._finish(Batch(ids, mask, aux, final, [int(s) for s in sample_ids], int(sum(lengths))))
 
     def _finish(self, batch: Batch) -> Batch:

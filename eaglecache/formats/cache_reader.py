@@ -159,6 +159,8 @@ class FeatureCache:
         self.metadata: dict[str, Any] = doc["metadata"]
         self.fp8 = is_fp8(self.metadata)
         aligned = is_aligned(self.version, self.metadata)
+        # a v2 compressed cache: every sample starts a chunk and the rows after it up to the chunk's end are zeros
+        self.chunk_rows: int | None = int(self.metadata["chunk_tokens"]) if aligned else None
         self.parts = read_parts(self.path)
         self._check_parts(allow_partial)
         self.skipped = [s for _, record in self.parts for s in record["skipped"]]
@@ -255,6 +257,20 @@ class FeatureCache:
             raise IndexError(f"rows {first}:{first + len(out)} of sample {sample_id} ({self._length[i]} tokens)")
         start = int(self._start[i]) + first
         self.shard(int(self._shard_of[i])).read_into(name, start, start + len(out), out)
+
+    def read_chunks_into(self, sample_id: int, name: str, num_rows: int, out: np.ndarray) -> int:
+        """The first ``num_rows`` rows of the sample's array ``name`` as stored, decoded in place into ``out`` in
+        whole chunks (``chunk_rows`` set only), zeros after them up to the returned row count (the end of the
+        chunk holding row ``num_rows - 1``; ``out`` must be that long): the loader's copy-free path."""
+        i = self._find(sample_id)
+        if not 0 <= num_rows <= self._length[i]:
+            raise IndexError(f"{num_rows} rows of sample {sample_id} ({self._length[i]} tokens)")
+        padded = -(-num_rows // self.chunk_rows) * self.chunk_rows
+        start = int(self._start[i])
+        self.shard(int(self._shard_of[i])).read_chunks_into(name, start, start + padded, out[:padded])
+        if num_rows < self._length[i]:  # truncated: the rows decoded past num_rows are the sample's own
+            out[num_rows:padded] = 0
+        return padded
 
     def prefetch(self, sample_ids) -> None:
         """Start reading these samples' states from disk in the background (a hint: a local cache only;
