@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         layouts["loader, v2 zstd (default)"] = convert(source, args.work / f"{source.name}-v2-zstd", [])
     layouts["loader, v2 blosc-zstd"] = convert(source, args.work / f"{source.name}-v2-blosc",
                                                ["precompute.codec=blosc-zstd"])
+    layouts["loader, v2 none (uncompressed)"] = convert(source, args.work / f"{source.name}-v2-none",
+                                                        ["precompute.codec=none"])
     speculators = args.work / f"{source.name}-speculators"
     if not speculators.exists():
         write_speculators(source, speculators)

@@ -185,6 +185,7 @@ class FeatureCache:
         self._start = cat(starts, np.int64)[order]
         self._length = cat(lengths, np.int64)[order]
         self._open: OrderedDict[int, Any] = OrderedDict()
+        self._located: tuple[int, tuple] | None = None
 
     def _check_parts(self, allow_partial: bool) -> None:
         want = fingerprint(self.metadata)
@@ -252,25 +253,33 @@ class FeatureCache:
     def read_rows_into(self, sample_id: int, name: str, first: int, out: np.ndarray) -> None:
         """Rows ``first:first + len(out)`` of sample ``sample_id``'s array ``name`` as stored (bf16 states as
         uint16 bits) into ``out``, decoded in place: the loader's path, with no copy between."""
-        i = self._find(sample_id)
-        if not 0 <= first <= first + len(out) <= self._length[i]:
-            raise IndexError(f"rows {first}:{first + len(out)} of sample {sample_id} ({self._length[i]} tokens)")
-        start = int(self._start[i]) + first
-        self.shard(int(self._shard_of[i])).read_into(name, start, start + len(out), out)
+        shard, start, length = self.locate(sample_id)
+        if not 0 <= first <= first + len(out) <= length:
+            raise IndexError(f"rows {first}:{first + len(out)} of sample {sample_id} ({length} tokens)")
+        shard.read_into(name, start + first, start + first + len(out), out)
 
     def read_chunks_into(self, sample_id: int, name: str, num_rows: int, out: np.ndarray) -> int:
         """The first ``num_rows`` rows of the sample's array ``name`` as stored, decoded in place into ``out`` in
         whole chunks (``chunk_rows`` set only), zeros after them up to the returned row count (the end of the
         chunk holding row ``num_rows - 1``; ``out`` must be that long): the loader's copy-free path."""
-        i = self._find(sample_id)
-        if not 0 <= num_rows <= self._length[i]:
-            raise IndexError(f"{num_rows} rows of sample {sample_id} ({self._length[i]} tokens)")
+        shard, start, length = self.locate(sample_id)
+        if not 0 <= num_rows <= length:
+            raise IndexError(f"{num_rows} rows of sample {sample_id} ({length} tokens)")
         padded = -(-num_rows // self.chunk_rows) * self.chunk_rows
-        start = int(self._start[i])
-        self.shard(int(self._shard_of[i])).read_chunks_into(name, start, start + padded, out[:padded])
-        if num_rows < self._length[i]:  # truncated: the rows decoded past num_rows are the sample's own
+        shard.read_chunks_into(name, start, start + padded, out[:padded])
+        if num_rows < length:  # truncated: the rows decoded past num_rows are the sample's own
             out[num_rows:padded] = 0
         return padded
+
+    def locate(self, sample_id: int) -> tuple[ShardArrays, int, int]:
+        """(its shard's arrays, its first row there, its tokens) of a stored sample; the last one is remembered,
+        as the loader asks for each array of a sample in turn."""
+        if self._located is not None and self._located[0] == sample_id:
+            return self._located[1]
+        i = self._find(sample_id)
+        found = (self.shard(int(self._shard_of[i])), int(self._start[i]), int(self._length[i]))
+        self._located = (sample_id, found)
+        return found
 
     def prefetch(self, sample_ids) -> None:
         """Start reading these samples' states from disk in the background (a hint: a local cache only;
@@ -287,6 +296,7 @@ class FeatureCache:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_located"] = None
         return state
 
 
