@@ -1,7 +1,7 @@
 """Reading the cache for training: one epoch cold through the training loader against the disk's own speed.
 
 For one cache (a real one given with ``--cache``, or a synthetic one at MiniMax-M3's hidden size 6144
-with sample lengths log-uniform in 256..32,768 tokens), all in one run, each pass after dropping the
+with chat-like sample lengths, 256..32,768 tokens), all in one run, each pass after dropping the
 page cache (root; otherwise the numbers are warm and the table says so):
 
 - ``sequential``: every file of the cache read start to end in 8 MiB reads (``cat``): the disk's speed;
@@ -18,7 +18,7 @@ page cache (root; otherwise the numbers are warm and the table says so):
   MiniMax-M3 config (6,000-13,000 tokens/s at 49,152 bytes/token), and the cores that takes.
 
     python benchmarks/bench_read.py --cache runs/demo/cache
-    python benchmarks/bench_read.py --synthetic-gb 4 --world-size 8
+    python benchmarks/bench_read.py --synthetic-gb 6 --world-size 8
 """
 
 from __future__ import annotations
@@ -104,23 +104,29 @@ def write_speculators(cache_path: Path, root: Path) -> None:
 
 
 def speculators_epoch(root: Path, order: list[list[int]], workers: int) -> int:
+    """speculators' reads of the same samples; each tensor is copied out (as a collate does), since
+    safetensors maps the file and a tensor nobody touches is never read from the disk."""
     try:
         from hs_connectors import FileTransfer
 
-        transfer = FileTransfer(root)
-        read = lambda sid: len(transfer.get_cached(sid)["token_ids"])  # noqa: E731
+        load = FileTransfer(root).get_cached
     except ImportError:
         from peer_adapters import speculators_path
         from safetensors.torch import load_file
 
-        read = lambda sid: len(load_file(str(speculators_path(root, sid)))["token_ids"])  # noqa: E731
+        load = lambda sid: load_file(str(speculators_path(root, sid)))  # noqa: E731
+
+    def read(sid: int) -> int:
+        tensors = {name: tensor.clone() for name, tensor in load(sid).items()}
+        return len(tensors["token_ids"])
     with ThreadPoolExecutor(workers) as pool:
         return sum(sum(pool.map(read, rank_order)) for rank_order in order)
 
 
 def synthetic_cache(path: Path, gigabytes: float, hidden: int, seed: int = 0) -> Path:
     """A cache of random bf16 states (scaled like a residual stream, so zstd finds real-like slack) at
-    ``hidden``, sample lengths log-uniform in 256..32,768 tokens, about ``gigabytes`` raw."""
+    ``hidden``, about ``gigabytes`` raw, sample lengths log-normal around 600 tokens (sigma 1.2: a
+    mean of ~1,250, one in ten over 2,800) within 256..32,768, as chat data is."""
     from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 
     meta = {"aux_layer_ids": [2, 31, 58], "final_layer_id": 61, "final_prenorm": True, "hidden_size": hidden,
@@ -131,7 +137,7 @@ def synthetic_cache(path: Path, gigabytes: float, hidden: int, seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     budget, sid = gigabytes * 1e9 / (4 * hidden * 2), 0
     while budget > 0:
-        t = int(np.exp(np.random.default_rng([seed, sid]).uniform(np.log(256), np.log(32768))))
+        t = int(np.clip(np.random.default_rng([seed, sid]).lognormal(np.log(600), 1.2), 256, 32768))
         writer.add(sid, torch.randint(0, 200064, (t,), generator=gen).numpy().astype(np.int32),
                    (torch.rand(t, generator=gen) < 0.6).numpy().astype(np.uint8),
                    (torch.randn(t, 3, hidden, generator=gen) * 4).to(torch.bfloat16),

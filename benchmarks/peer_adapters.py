@@ -92,7 +92,9 @@ def peer_readers(layouts: dict[str, Path]) -> dict[str, tuple[str, object]]:
         transfer = FileTransfer(layouts["speculators"])
 
         def speculators_read(sample_id: int) -> int:
-            return len(transfer.get_cached(sample_id)["token_ids"])
+            # copied out as a collate does: safetensors maps the file, and an untouched tensor is never read
+            tensors = {k: v.clone() for k, v in transfer.get_cached(sample_id).items()}
+            return len(tensors["token_ids"])
 
         readers["speculators FileTransfer (safetensors per sample)"] = (
             f"speculators {versions['speculators']}, hs-connectors {versions['hs-connectors']}", speculators_read)

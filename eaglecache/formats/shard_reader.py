@@ -231,7 +231,12 @@ class ShardArray:
             self.source.will_need(*exact)
             return
         first, last = start // self.rows_per_chunk, (stop - 1) // self.rows_per_chunk
-        entries = self.index()[first:last + 1]
+        index = self.index()
+        (begin, _), (end_offset, end_size) = index[first].tolist(), index[last].tolist()
+        if begin != int(_MISSING) and end_offset != int(_MISSING) and end_offset + end_size > begin:
+            self.source.will_need(begin, end_offset + end_size - begin)  # chunks written in order: one span
+            return
+        entries = index[first:last + 1]  # a layout written otherwise: the span of the chunks present
         present = entries[entries[:, 0] != _MISSING]
         if len(present):
             begin = int(present[:, 0].min())
