@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +130,10 @@ def synthetic_cache(path: Path, gigabytes: float, hidden: int, seed: int = 0) ->
     mean of ~1,250, one in ten over 2,800) within 256..32,768, as chat data is."""
     from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 
+    if path.exists():  # made by an earlier run (renamed into place only once complete)
+        return path
+    final_path, path = path, path.with_name(path.name + ".writing")
+    shutil.rmtree(path, ignore_errors=True)
     meta = {"aux_layer_ids": [2, 31, 58], "final_layer_id": 61, "final_prenorm": True, "hidden_size": hidden,
             "vocab_size": 200064, "dtype": "bfloat16", "codec": "zstd", "codec_level": 1, "chunk_tokens": 16,
             "shard_tokens": 20000, "num_parts": 1}
@@ -145,7 +150,8 @@ def synthetic_cache(path: Path, gigabytes: float, hidden: int, seed: int = 0) ->
         budget -= t
         sid += 1
     writer.close()
-    return path
+    path.rename(final_path)
+    return final_path
 
 
 def convert(source: Path, output: Path, overrides: list[str]) -> Path:

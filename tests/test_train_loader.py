@@ -174,3 +174,31 @@ def test_cache_batches_are_identical_for_any_worker_count_and_across_a_resume(tm
     resumed = loader(4)
     resumed.load_state_dict(partial.state_dict())
     assert expected[:4] + _batch_hashes(resumed) == expected
+
+
+class HintedSource:
+    """What ReadAhead uses of a cache: tokens per sample, the layout's bytes, prefetch (recorded)."""
+
+    metadata = {"aux_layer_ids": [1, 2, 3], "hidden_size": 8, "dtype": "bfloat16"}
+    hinted: list = []
+
+    def num_tokens(self, sid):
+        return 10
+
+    def prefetch(self, ids):
+        HintedSource.hinted.extend(ids)
+
+
+def test_read_ahead_hints_the_micro_batches_after_the_one_started_up_to_its_byte_window():
+    from eaglecache.train.readahead import ReadAhead
+
+    HintedSource.hinted = []
+    per_sample = 10 * (5 + 2 * 4 * 8)  # tokens x (id + mask + 4 bf16 states of 8)
+    readahead = ReadAhead(HintedSource(), window_bytes=3 * per_sample)
+    indices = [readahead.queued([sid]) for sid in range(8)]
+    readahead.started(indices[0])
+    assert HintedSource.hinted == [1, 2, 3]  # three samples' bytes ahead of the decoder, not the one it reads
+    readahead.started(indices[1])
+    assert HintedSource.hinted == [1, 2, 3, 4]  # the window moved by one: one more hint, none twice
+    readahead.started(indices[6])  # a worker far ahead: what it skipped is never hinted late
+    assert HintedSource.hinted == [1, 2, 3, 4, 7]

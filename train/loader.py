@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from eaglecache.errors import UserError
+from eaglecache.train.readahead import ReadAhead
 
 
 @dataclass
@@ -237,6 +238,11 @@ class StreamingLoader:
                           batch.sample_ids, batch.num_tokens)
         return batch
 
+    def _read_ahead_and_load(self, readahead: ReadAhead | None, index: int | None, sample_ids: list[int]) -> Batch:
+        if readahead is not None:
+            readahead.started(index)
+        return self.load_micro_batch(sample_ids)
+
     def __iter__(self) -> Iterator[tuple[int, list[Batch]]]:
         work = ((step, mb) for step in range(self.step, self.total_steps)
                 for mb in self.plan.rank_micro_batches(step, self.rank))
@@ -246,13 +252,8 @@ class StreamingLoader:
         else:
             pool = ThreadPoolExecutor(self.workers, thread_name_prefix="eaglecache-loader")
             pending = collections.deque()
-            # the disk stage: one thread asks the kernel for the queued micro-batches' bytes, in plan order and
-            # ahead of the decoders, so reads are in flight while they decode (a hint only fills the page cache;
-            # it reads with its own copy of the source, as the workers do)
-            hinter = ThreadPoolExecutor(1, thread_name_prefix="eaglecache-readahead")
-            hint_source = pickle.loads(pickle.dumps(self.source)) if hasattr(self.source, "prefetch") else None
-            if hint_source is not None:  # hinted twice as far ahead as micro-batches are queued for decoding
-                work = _hinted(work, lambda ids: hinter.submit(hint_source.prefetch, ids), 2 * self.prefetch * per_step)
+            # the disk stage (train/readahead.py): the kernel fetches what comes next while the workers decode
+            readahead = ReadAhead(self.source) if hasattr(self.source, "prefetch") else None
         try:
             batches = []
             while True:
@@ -266,7 +267,8 @@ class StreamingLoader:
                         item = next(work, None)
                         if item is None:
                             break
-                        pending.append((item[0], pool.submit(self.load_micro_batch, item[1])))
+                        index = None if readahead is None else readahead.queued(item[1])
+                        pending.append((item[0], pool.submit(self._read_ahead_and_load, readahead, index, item[1])))
                     if not pending:
                         return
                     step, future = pending.popleft()
@@ -280,16 +282,5 @@ class StreamingLoader:
             if pending is not None:
                 for _, future in pending:
                     future.cancel()
-                hinter.shutdown(wait=True, cancel_futures=True)
                 pool.shutdown(wait=True, cancel_futures=True)
 
-
-def _hinted(work, hint, depth: int):
-    """``work``'s items, each passed to ``hint`` (its sample ids) ``depth`` items before it is yielded."""
-    ahead: collections.deque = collections.deque()
-    for item in work:
-        hint(item[1])
-        ahead.append(item)
-        if len(ahead) > depth:
-            yield ahead.popleft()
-    yield from ahead
