@@ -37,10 +37,11 @@ def _zarrs_own(path, stored: dict[str, np.ndarray], *, codec, chunk_tokens, fp8)
                             attributes={"format": cache_format.FORMAT, "version": cache_format.VERSION, "fp8": fp8})
     for name, data in stored.items():
         per_token = name not in ("offsets", "sample_ids", "num_tokens")
+        rows = cache_format.chunk_rows(name, chunk_tokens, codec)
         array = group.create_array(
             name, shape=data.shape, dtype=data.dtype,
-            chunks=(chunk_tokens,) + data.shape[1:] if per_token else data.shape,
-            shards=shard_shape(data.shape, chunk_tokens) if per_token else None,
+            chunks=(rows,) + data.shape[1:] if per_token else data.shape,
+            shards=shard_shape(data.shape, rows) if per_token else None,
             compressors=compressors(codec, 1, data.dtype.itemsize) if per_token else None,
             fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING)
         array[...] = data

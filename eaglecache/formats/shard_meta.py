@@ -27,6 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from eaglecache.errors import UserError
+from eaglecache.formats.cache import chunk_rows
 
 GROUP_DOC = "zarr.json"
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}  # c.0.0.0: no nested directories to fsync
@@ -70,16 +71,17 @@ def shard_documents(arrays: dict[str, np.ndarray], per_token: set[str], *, chunk
                     codec_level: int, attributes: dict[str, Any]) -> dict[str, dict]:
     """Metadata documents (path in the shard -> JSON object) for a shard holding ``arrays``.
 
-    Per-token arrays: one shard of inner chunks of ``chunk_tokens`` rows, compressed with
-    ``codec``; the others: one uncompressed chunk.
+    Per-token arrays: one shard of inner chunks of ``chunk_rows(name, chunk_tokens, codec)`` rows (``chunk_tokens``
+    for the states), compressed with ``codec``; the others: one uncompressed chunk.
     """
-    layout = tuple((name, data.dtype.str, tuple(data.shape[1:]), name in per_token) for name, data in arrays.items())
+    layout = tuple((name, data.dtype.str, tuple(data.shape[1:]), chunk_rows(name, chunk_tokens, codec)
+                    if name in per_token else 0) for name, data in arrays.items())
     docs = json.loads(_template(layout, chunk_tokens, codec, codec_level, json.dumps(attributes, sort_keys=True)))
     consolidated = docs[GROUP_DOC]["consolidated_metadata"]["metadata"]
     for name, data in arrays.items():
         doc = docs[f"{name}/{GROUP_DOC}"]
         doc["shape"] = list(data.shape)
-        grid = shard_shape(data.shape, chunk_tokens) if name in per_token else data.shape
+        grid = shard_shape(data.shape, chunk_rows(name, chunk_tokens, codec)) if name in per_token else data.shape
         doc["chunk_grid"]["configuration"]["chunk_shape"] = list(grid)
         consolidated[name] = doc  # the same document, inline
     return docs
@@ -100,14 +102,14 @@ def _template(layout: tuple, chunk_tokens: int, codec: str, codec_level: int, at
     one JSON text: parsing it is how each shard gets its own copy (faster than ``copy.deepcopy``)."""
     with tempfile.TemporaryDirectory(prefix="eaglecache-shard-template-") as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes=json.loads(attributes_json))
-        for name, dtype_str, row_shape, is_per_token in layout:
+        for name, dtype_str, row_shape, rows in layout:  # rows: the inner chunk of a per-token array, else 0
             dtype = np.dtype(dtype_str)
-            shape = (chunk_tokens,) + row_shape if is_per_token else (1,) + row_shape
+            shape = (rows,) + row_shape if rows else (1,) + row_shape
             group.create_array(
                 name, shape=shape, dtype=dtype,
-                chunks=(chunk_tokens,) + row_shape if is_per_token else shape,
-                shards=shard_shape(shape, chunk_tokens) if is_per_token else None,
-                compressors=compressors(codec, codec_level, dtype.itemsize) if is_per_token else None,
+                chunks=(rows,) + row_shape if rows else shape,
+                shards=shard_shape(shape, rows) if rows else None,
+                compressors=compressors(codec, codec_level, dtype.itemsize) if rows else None,
                 fill_value=0, chunk_key_encoding=CHUNK_KEY_ENCODING,
             )
         with consolidated_metadata():
