@@ -4,6 +4,8 @@ For one cache (a real one given with ``--cache``, or a synthetic one at MiniMax-
 with chat-like sample lengths, 256..32,768 tokens), all in one run, each pass after dropping the
 page cache (root; otherwise the numbers are warm and the table says so):
 
+Each figure is the median of 3 passes.
+
 - ``sequential``: every file of the cache read start to end in 8 MiB reads (``cat``): the disk's speed;
 - ``loader``: one epoch through ``StreamingLoader`` (default workers and prefetch; the trainer's own
   plan, every rank of ``--world-size`` in turn), per layout: the cache as given (v1 if it is one), the
@@ -74,13 +76,17 @@ def epoch_order(plan: SamplePlan) -> list[list[int]]:
             for rank in range(plan.world_size)]
 
 
-def timed(cold: bool, run) -> dict:
-    if cold:
-        drop_page_cache()
-    read0, cpu0, t0 = device_read_bytes(), cpu_seconds(), time.perf_counter()
-    tokens = run()
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "device_bytes": device_read_bytes() - read0,
-            "cpu_s": cpu_seconds() - cpu0}
+def timed(cold: bool, run, repeats: int = 3) -> dict:
+    """The median of ``repeats`` passes (by time; the disk and a shared machine drift)."""
+    passes = []
+    for _ in range(repeats):
+        if cold:
+            drop_page_cache()
+        read0, cpu0, t0 = device_read_bytes(), cpu_seconds(), time.perf_counter()
+        tokens = run()
+        passes.append({"seconds": time.perf_counter() - t0, "tokens": tokens,
+                       "device_bytes": device_read_bytes() - read0, "cpu_s": cpu_seconds() - cpu0})
+    return sorted(passes, key=lambda r: r["seconds"])[len(passes) // 2]
 
 
 def loader_epoch(cache_path: Path, plan: SamplePlan, workers: int, prefetch: int) -> int:
