@@ -94,7 +94,7 @@ def test_ablation_grid_table_plots_skip_and_reproducibility(tiny_cache, tmp_path
             "--grid", f"train.lr=[{records[0]['overrides']['train.lr']}]"]
     assert main(["ablate", "--cache", str(tiny_cache), "--output", str(again), *grid, *TINY_TRAIN]) == 0
     assert _weights(again / name / "final" / "model.safetensors") == weights[name]
-    timing = {"tokens_per_s", "data_wait_fraction", "wall_s"}
+    timing = {"tokens_per_s", "data_wait_fraction", "wall_s", "peak_memory_gib"}
     curves = [[{k: v for k, v in json.loads(l).items() if k not in timing}
                for l in (root / name / "metrics.jsonl").read_text().splitlines()] for root in (out, again)]
     assert curves[0] == curves[1]

@@ -75,3 +75,19 @@ def test_demo_prints_the_card_and_leaves_every_artifact(demo):
         assert (out / path).exists(), path
     assert "Not measured yet" not in (out / "draft" / "README.md").read_text()
     assert f"serve.max_prompts={PROMPTS}" in (out / "commands.sh").read_text()
+
+
+def test_the_gpu_checks_report_reads_a_demo_run(demo):
+    """scripts/gpu_check.sh ends with this report on its CUDA demo; here on the CPU demo: the figures it prints
+    are the run's own (the same tokens/s and peak memory as the metrics, the same accept lengths as bench)."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gpu_report import report, stage_seconds, training_figures
+
+    text = report(demo["out"], demo["out"] / "run")
+    figures = training_figures(demo["out"] / "run")
+    assert figures["tokens_per_s"] > 0 and figures["peak_memory_gib"] > 0.1 and 0 <= figures["data_wait_fraction"] < 1
+    assert set(stage_seconds(demo["out"])) >= {"regenerate", "precompute", "train", "bench"}
+    assert f"| {figures['tokens_per_s']:,.0f} |" in text and "precompute:" in text and "tokens/s" in text
+    for row in _rows(demo["results"], "trained"):
+        assert f"| {row['prompt_set']} | {row['n']} | {row['mean_accept_length']:.3f} |" in text
+

@@ -84,3 +84,24 @@ def test_slurm_job_without_eaglecache_on_path_is_one_error_line(script, tmp_path
     assert out.returncode == 2
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("error: ") and "eaglecache" in line and "activate its environment before sbatch" in line
+
+
+def test_the_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: scripts/gpu_check.sh would run the check")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "check")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no CUDA device")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "check").exists()
+
+
+def test_the_gpu_checks_overrides_are_settings_the_config_has():
+    import re
+
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    overrides = [o.rstrip(")\"'") for o in re.findall(r"\b((?:train|serve|precompute|data|target)\.[\w.]+=\S+)", script)]
+    assert len(overrides) >= 8, overrides
+    for override in overrides:  # each alone: a misspelt key or a bad value is a config error
+        load_config(None, [override])

@@ -6,6 +6,7 @@ input is one error line with exit code 2.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,10 +71,19 @@ def test_two_ranks_ga1_equal_one_rank_ga2(feature_cache, one_rank_run, tmp_path)
     assert losses(out) == pytest.approx(losses(one_rank_run), rel=1e-5)
 
 
-def test_killed_after_a_checkpoint_resumes_to_the_same_weights(feature_cache, one_rank_run, tmp_path):
-    out = tmp_path / "killed"
+@pytest.fixture(scope="module")
+def killed_one_rank(feature_cache, tmp_path_factory):
+    """1 rank, SIGKILLed right after committing step 4 of 6: (its run directory, its completed process)."""
+    out = tmp_path_factory.mktemp("killed") / "run"
     killed = eaglecache_train(feature_cache, out, "train.launcher.num_gpus=1", env={KILL_AFTER_CHECKPOINT_ENV: "4"},
                               port=29565)
+    return out, killed
+
+
+def test_killed_after_a_checkpoint_resumes_to_the_same_weights(feature_cache, one_rank_run, killed_one_rank, tmp_path):
+    out = tmp_path / "killed"
+    shutil.copytree(killed_one_rank[0], out)
+    killed = killed_one_rank[1]
     # the rank died of SIGKILL: the shell's 128 + 9, named, not DeepSpeed's truncated -9 (247)
     assert killed.returncode == 128 + signal.SIGKILL, killed.stderr[-3000:]
     assert "killed by SIGKILL" in killed.stderr.strip().splitlines()[-1]
@@ -95,6 +105,38 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(feature_cache, on
     assert (out / "final" / "model.safetensors").is_file()
     # DeepSpeed's CPU all-reduce buffers (70 MB per rank in RAM) of both runs, the killed one too, are gone
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_2956[57]_*"))
+
+
+def _resumed_at_another_world_size(feature_cache, out, num_gpus, port):
+    resumed = eaglecache_train(feature_cache, out, f"train.launcher.num_gpus={num_gpus}", port=port)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stderr + resumed.stdout
+    assert "training 6 steps from step 4" in log and f"{num_gpus} rank(s) x GA {2 // num_gpus}" in log
+    assert "resharding checkpoint step-0000004" in log and (out / "checkpoints" / "universal" / "step-0000004").is_dir()
+    return resumed
+
+
+def test_a_checkpoint_of_one_rank_resumes_on_two_ranks(feature_cache, one_rank_run, killed_one_rank, tmp_path):
+    """1 rank x GA 2 for 4 steps, then 2 ranks x GA 1 from its checkpoint (DeepSpeed's universal checkpoint):
+    the weights and losses of the uninterrupted 1-rank run, within the bound of 2 ranks == 1 rank above."""
+    out = tmp_path / "resumed"
+    shutil.copytree(killed_one_rank[0], out)
+    _resumed_at_another_world_size(feature_cache, out, 2, 29569)
+    resumed, reference = fp32_weights(out), fp32_weights(one_rank_run)
+    assert max((resumed[name] - reference[name]).abs().max().item() for name in reference) <= 1e-6
+    assert losses(out) == pytest.approx(losses(one_rank_run), rel=1e-5)
+    assert losses(out)[:4] == losses(one_rank_run)[:4]  # the steps before the resume are the killed run's own
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_rank(feature_cache, one_rank_run, tmp_path):
+    out = tmp_path / "two-then-one"
+    killed = eaglecache_train(feature_cache, out, "train.launcher.num_gpus=2", env={KILL_AFTER_CHECKPOINT_ENV: "4"},
+                              port=29571)
+    assert killed.returncode == 128 + signal.SIGKILL and committed_steps(out) == [2, 4], killed.stderr[-3000:]
+    _resumed_at_another_world_size(feature_cache, out, 1, 29573)
+    resumed, reference = fp32_weights(out), fp32_weights(one_rank_run)
+    assert max((resumed[name] - reference[name]).abs().max().item() for name in reference) <= 1e-6
+    assert losses(out) == pytest.approx(losses(one_rank_run), rel=1e-5)
 
 
 def test_exit_status_of_a_killed_launcher_or_rank_is_128_plus_the_signal():

@@ -14,6 +14,12 @@ it skips, naming it and what is wrong. A save that fills the disk removes its
 partial directory and stops the run with one line naming the path, the bytes a
 checkpoint needs and those free; the checkpoints committed before stay valid.
 
+A checkpoint written by N ranks resumes at M ranks with the same global batch: rank 0 converts it once
+with DeepSpeed's own ``ds_to_universal`` (fp32 master weights, Adam moments and step per parameter,
+unpartitioned) into ``checkpoints/universal/step-XXXXXXX/`` and every rank loads that with DeepSpeed's
+``load_universal``; the LR schedule and the loader position travel in the client state, and the sample
+order depends on the global batch only, so the run goes on with the next step's samples.
+
 ``final/`` holds ``model.safetensors`` (16-bit weights gathered from ZeRO-3
 partitions, vLLM's names, trainable tensors only, plus d2t/t2d for a reduced
 vocab) and ``draft.json`` (the architecture export needs). It is written to a
@@ -45,6 +51,7 @@ from eaglecache.formats.run import COMMIT, committed_steps, tag_of, write_json_a
 
 # Test hook: the process SIGKILLs itself right after committing this step (a real, unclean death).
 KILL_AFTER_CHECKPOINT_ENV = "EAGLECACHE_KILL_AFTER_CHECKPOINT"
+UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a checkpoint resharded for another world size
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,7 @@ def save_checkpoint(engine, loader, run_dir: Path, step: int, keep: int) -> Path
             raise
         for old in committed_steps(run_dir)[:-keep]:
             shutil.rmtree(root / tag_of(old), ignore_errors=True)
+            shutil.rmtree(root / UNIVERSAL / tag_of(old), ignore_errors=True)
         for stale in root.glob(run_format.TAG_GLOB):
             if not (stale / COMMIT).exists() and stale.name != tag:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -194,30 +202,60 @@ def _choose_checkpoint(run_dir: Path) -> int:
     return 0
 
 
-def load_checkpoint(engine, loader, run_dir: Path) -> int:
-    """Resume from the newest intact committed checkpoint; returns its step (0 when there is none)."""
-    chosen = [_choose_checkpoint(run_dir) if torch.distributed.get_rank() == 0 else 0]
+def choose_resume(run_dir: Path) -> tuple[int, Optional[int]]:
+    """(step, the world size that wrote it) of the checkpoint this run resumes from, the same on every rank
+    (rank 0 chooses: the newest intact committed one); (0, None) when there is none. Called before the
+    engine exists, since loading at another world size needs DeepSpeed's ``load_universal`` setting."""
+    chosen = [_choose_checkpoint(run_dir) if torch.distributed.get_rank() == 0 else 0, None]
+    if chosen[0]:
+        chosen[1] = json.loads((run_format.checkpoint_dir(run_dir, chosen[0]) / COMMIT).read_text()).get("world_size")
+    elif torch.distributed.get_rank() == 0 and committed_steps(run_dir):
+        log.warning("%s: no intact checkpoint is left; training starts from step 0", run_dir)
     if torch.distributed.get_world_size() > 1:  # every rank loads the same one
         torch.distributed.broadcast_object_list(chosen, src=0)
-    if not chosen[0]:
-        if committed_steps(run_dir):
-            log.warning("%s: no intact checkpoint is left; training starts from step 0", run_dir)
+    return int(chosen[0]), chosen[1]
+
+
+def resharded(run_dir: Path, step: int) -> Path:
+    """The universal form of checkpoint ``step`` (rank 0 converts it once, under a temporary name renamed into
+    place; the other ranks wait at a barrier). Its directory: ``checkpoints/universal``."""
+    root = run_dir / run_format.CHECKPOINTS / UNIVERSAL
+    tag = tag_of(step)
+    if torch.distributed.get_rank() == 0 and not (root / tag).is_dir():
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = root / f".{tag}.tmp-{uuid.uuid4().hex[:8]}"
+        root.mkdir(parents=True, exist_ok=True)
+        log.info("resharding checkpoint %s for %d ranks (DeepSpeed's ds_to_universal)", tag,
+                 torch.distributed.get_world_size())
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(run_format.checkpoint_dir(run_dir, step)), output_folder=str(tmp),
+            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=False))
+        os.rename(tmp, root / tag)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    return root
+
+
+def load_checkpoint(engine, loader, run_dir: Path, step: int, saved_world: Optional[int]) -> int:
+    """Resume from checkpoint ``step`` (``choose_resume``'s), written by ``saved_world`` ranks; returns the
+    step (0 when there is none). At another world size it loads the checkpoint's universal form."""
+    if not step:
         return 0
-    tag = tag_of(chosen[0])
+    tag = tag_of(step)
     root = run_dir / run_format.CHECKPOINTS
-    saved_world = json.loads((root / tag / COMMIT).read_text()).get("world_size")
-    world = torch.distributed.get_world_size()
-    if saved_world not in (None, world):
-        raise UserError(f"{root / tag} was written by {saved_world} ranks and this run has {world}: ZeRO-3 "
-                        "partitions do not reshard on load (convert with DeepSpeed's ds_to_universal.py, or "
-                        f"resume with {saved_world} ranks)")
+    if saved_world not in (None, torch.distributed.get_world_size()):
+        root = resharded(run_dir, step)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
     loader.load_state_dict(client_state["loader"])
-    rng_file = root / tag / f"rng-rank-{torch.distributed.get_rank()}.pt"
-    if rng_file.is_file():  # absent when the world size changed; the draft uses no randomness in training
+    rng_file = run_format.checkpoint_dir(run_dir, step) / f"rng-rank-{torch.distributed.get_rank()}.pt"
+    if rng_file.is_file() and saved_world == torch.distributed.get_world_size():  # the draft uses no randomness
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return int(client_state["step"])
 

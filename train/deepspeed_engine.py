@@ -31,13 +31,15 @@ def accumulation_steps(train, world_size: int) -> int:
     return train.global_batch_size // per_pass
 
 
-def deepspeed_config(train, world_size: int, total_steps: int, compute_dtype: str) -> dict[str, Any]:
+def deepspeed_config(train, world_size: int, total_steps: int, compute_dtype: str,
+                     load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config of a run with ``total_steps`` optimizer steps in ``compute_dtype``.
 
-    ``compute_dtype`` is ``train.dtype`` resolved for this machine (eaglecache.dtypes).
+    ``compute_dtype`` is ``train.dtype`` resolved for this machine (eaglecache.dtypes); ``load_universal``
+    when the run resumes a checkpoint written at another world size (train/checkpoint.py).
     """
     warmup = max(1, int(round(train.warmup_ratio * total_steps)))
-    return {
+    config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps(train, world_size),
@@ -62,6 +64,9 @@ def deepspeed_config(train, world_size: int, total_steps: int, compute_dtype: st
         "steps_per_print": 1 << 30,  # the trainer logs itself
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
 
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], run_dir: Path | None = None):

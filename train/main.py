@@ -93,7 +93,7 @@ def aux_indices(wanted: list[int], stored: list[int]) -> Optional[list[int]]:
 def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Optional[str] = None,
           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """One rank's whole run: model, engine, resume, loop, final weights. Returns the last metrics."""
-    from eaglecache.train.checkpoint import load_checkpoint, run_fingerprint, save_final, write_run_json
+    from eaglecache.train.checkpoint import choose_resume, load_checkpoint, run_fingerprint, save_final, write_run_json
     from eaglecache.train.deepspeed_engine import create_engine, deepspeed_config
     from eaglecache.train.loader import SamplePlan, StreamingLoader
     from eaglecache.train.loop import run_loop
@@ -111,8 +111,11 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
     loader = StreamingLoader(source, plan, rank=rank, max_seq_length=config.train_max_seq_length, total_steps=total_steps,
                              aux_indices=aux_indices,
                              workers=tc.loader_workers, prefetch=tc.prefetch, pin_memory=device.type == "cuda")
-    engine = create_engine(draft.to(device), deepspeed_config(tc, world_size, total_steps, compute_dtype), run_dir)
-    start_step = load_checkpoint(engine, loader, run_dir)
+    resume_step, saved_world = choose_resume(run_dir)
+    ds_config = deepspeed_config(tc, world_size, total_steps, compute_dtype,
+                                 load_universal=saved_world not in (None, world_size))
+    engine = create_engine(draft.to(device), ds_config, run_dir)
+    start_step = load_checkpoint(engine, loader, run_dir, resume_step, saved_world)
     if rank == 0:
         write_run_json(run_dir, source_fingerprint=source_fingerprint(source), world_size=world_size,
                        total_steps=total_steps, config_hash=run_fingerprint(config))
@@ -146,7 +149,8 @@ def _print_summary(last: dict[str, Any], final: Optional[Path], total_steps: int
     accs = " ".join(f"{last[k]:.3f}" for k in sorted(k for k in last if k.startswith("acc_")))
     print(f"trained {last['step']}/{total_steps} steps in {last['wall_s']:.0f}s: loss {last['loss']:.4f}, "
           f"accuracy per TTT position {accs}, simulated accept length {last['accept_len_3']:.2f} (3 tokens), "
-          f"{last['tokens_per_s']:.0f} tokens/s, data wait {100 * last['data_wait_fraction']:.1f}%; "
+          f"{last['tokens_per_s']:.0f} tokens/s, data wait {100 * last['data_wait_fraction']:.1f}%, "
+          f"peak memory {last.get('peak_memory_gib', 0):.2f} GiB (rank 0); "
           f"final weights in {final}")
 
 

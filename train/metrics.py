@@ -14,6 +14,7 @@ over ranks (one all-reduce) and turns sums into the logged values:
 - ``loss``: the optimized objective (train/ttt.py), averaged over micro-batches;
 - ``tokens_per_s``: real (unpadded) tokens of all ranks per second of wall time;
 - ``data_wait_fraction``: time the step waited for the loader / total step time.
+- ``peak_memory_gib``: rank 0's peak memory so far (GPU: allocated by torch; CPU: resident set).
 
 Rank 0 writes every record to TensorBoard (``RUN_DIR/tb``) and ``RUN_DIR/metrics.jsonl``.
 """
@@ -118,11 +119,21 @@ class MetricsTracker:
             "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
             "data_wait_fraction": wait_s / step_s if step_s > 0 else 0.0,
             "tokens": int(tokens),
+            "peak_memory_gib": peak_memory_gib(self.device),
         }
         record.update({f"ce_{k}": v for k, v in enumerate(ce)})
         record.update({f"acc_{k}": v for k, v in enumerate(acc)})
         self.reset()
         return record
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This rank's peak memory so far: what torch allocated on a GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class MetricsWriter:
