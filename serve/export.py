@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- target reading
 def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None = None,
                        draft_vocab_size: int | None = None, family: str = "eagle3",
-                       num_layers: int = 1) -> dict[str, Any]:
+                       num_layers: int = 1, aux_norm: str | None = None) -> dict[str, Any]:
     """The draft.json-style architecture of a ``num_layers``-layer draft of ``family`` with the target's own
     dimensions (the text model's config of a VL target), as training writes it."""
     from dataclasses import replace
@@ -54,7 +54,8 @@ def draft_architecture(target_dir: str | Path, aux_layer_ids: list[int] | None =
     aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(t["num_hidden_layers"]))
     arch = DraftArch.from_target(t, aux_layer_ids, draft_vocab_size)
     embedding = read_head_tensors(target_dir, which=("embed",))["embed"] if family == "dflash" else None
-    fields = family_arch(family, mask_token_id=default_mask_token_id(t, family, embedding), num_layers=num_layers)
+    fields = family_arch(family, aux_norm, mask_token_id=default_mask_token_id(t, family, embedding),
+                         num_layers=num_layers)
     return replace(arch, **fields).to_json()
 
 
@@ -317,9 +318,10 @@ def export_run(run_dir: str | Path, output: str | Path, target_dir: str | Path |
 
 def build_untrained_draft(target_dir: str | Path, output: str | Path, seed: int = 0,
                           aux_layer_ids: list[int] | None = None, max_model_len: int | None = None,
-                          draft_vocab_size: int | None = None, family: str = "eagle3", num_layers: int = 1) -> Path:
+                          draft_vocab_size: int | None = None, family: str = "eagle3", num_layers: int = 1,
+                          aux_norm: str | None = None) -> Path:
     """A randomly initialised draft of ``family`` for `target_dir`, exported like a trained one."""
-    arch = draft_architecture(target_dir, aux_layer_ids, draft_vocab_size, family, num_layers)
+    arch = draft_architecture(target_dir, aux_layer_ids, draft_vocab_size, family, num_layers, aux_norm)
     config = vllm_draft_config(arch, max_model_len)
     tensors = select_draft_tensors(random_draft_tensors(arch, seed), config)
     provenance = {"source": "untrained (random init)", "seed": seed, "target_path": str(Path(target_dir).resolve()),

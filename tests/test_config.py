@@ -219,3 +219,27 @@ def test_a_run_of_the_previous_release_keeps_its_fingerprint():
     assert run_fingerprint(config) == recorded
     config.train.draft.family = "dflash"
     assert run_fingerprint(config) != recorded
+
+
+def test_eagle31_defaults_to_its_papers_per_layer_norms_and_older_joint_runs_keep_their_fingerprint():
+    from eaglecache.formats.draft import family_arch
+
+    default = load_config(None, ["train.draft.family=eagle3.1"])
+    joint = load_config(None, ["train.draft.family=eagle3.1", "train.draft.aux_norm=joint"])
+    assert family_arch("eagle3.1", default.train.draft.aux_norm)["aux_norm"] == "per_layer"
+    # the release before wrote joint by default and left aux_norm out of the identity: such a run still resumes
+    assert "aux_norm" not in joint.train.draft.identity() and joint.train.draft.identity()["family"] == "eagle3.1"
+    assert default.fingerprint("train") != joint.fingerprint("train")
+    assert default.fingerprint("train") == load_config(
+        None, ["train.draft.family=eagle3.1", "train.draft.aux_norm=per_layer"]).fingerprint("train")
+    # EAGLE3's identity is untouched; P-EAGLE may normalize; EAGLE3 and DFlash have no place for a norm
+    assert "aux_norm" not in load_config(None).train.draft.identity()
+    peagle = load_config(None, ["train.draft.family=peagle", "train.draft.aux_norm=per_layer"])
+    assert peagle.train.draft.identity()["aux_norm"] == "per_layer"
+    for family in ("eagle3", "dflash"):
+        with pytest.raises(UserError, match=f"does not apply to the {family} family"):
+            load_config(None, [f"train.draft.family={family}", "train.draft.aux_norm=per_layer"])
+    # a resolved config of the release before holds aux_norm: joint whatever the family: read as the default
+    for family in ("eagle3", "peagle", "dflash"):
+        old = load_config(None, [f"train.draft.family={family}", "train.draft.aux_norm=joint"])
+        assert old.train.draft.aux_norm is None and "aux_norm" not in old.train.draft.identity()

@@ -27,7 +27,8 @@ FAMILIES = {"eagle3": {}, "eagle3.1": family_arch("eagle3.1", "joint"),
             "eagle3.1-per-layer": family_arch("eagle3.1", "per_layer"), "peagle": family_arch("peagle", mask_token_id=7),
             "eagle3-2-layers": family_arch("eagle3", num_layers=2),
             "eagle3.1-3-layers": family_arch("eagle3.1", "joint", num_layers=3),
-            "peagle-2-layers": family_arch("peagle", mask_token_id=7, num_layers=2)}
+            "peagle-2-layers": family_arch("peagle", mask_token_id=7, num_layers=2),
+            "peagle-per-layer-norm": family_arch("peagle", "per_layer", mask_token_id=7)}
 
 
 def make_draft(draft_vocab=None, seed=0, dtype=torch.float64, family="eagle3"):

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eaglecache.config import load_config
-from eaglecache.formats.draft import DraftArch
+from eaglecache.formats.draft import FC_NORM, INPUT_NORM, DraftArch
 from eaglecache.serve.export import build_untrained_draft
 from eaglecache.serve.vllm_engine import engine_settings
 from eaglecache.train.dflash import DFlashDraft
@@ -32,17 +32,18 @@ from eaglecache.train.ttt import TTTSettings, unroll
 
 pytestmark = pytest.mark.slow
 
-# engine name -> (family, decoder layers): every family; P-EAGLE with a second (plain Llama) layer, the
-# recipes' shape, whose layer 0 is the one-layer draft's (an engine costs about a minute of CI)
-VARIANTS = {"eagle3": ("eagle3", 1), "eagle3.1": ("eagle3.1", 1), "peagle-2-layers": ("peagle", 2),
-            "dflash": ("dflash", 1)}
+# engine name -> (family, decoder layers, aux norm): every family (EAGLE 3.1 with its default per-layer norms);
+# P-EAGLE with a second (plain Llama) layer, the recipes' shape, whose layer 0 is the one-layer draft's, and
+# with per-layer aux norms, which vLLM applies to its mask state too (an engine costs about half a minute of CI)
+VARIANTS = {"eagle3": ("eagle3", 1, None), "eagle3.1": ("eagle3.1", 1, None), "peagle-2-layers": ("peagle", 2, None),
+            "peagle-per-layer-norm": ("peagle", 1, "per_layer"), "dflash": ("dflash", 1, None)}
 STEPS = 3  # speculative tokens
 PROMPTS = ["def fibonacci(n):\n    return", "The quick brown fox"]
 
 
-def _perturbed_draft(tiny_target, out, family, num_layers=1):
+def _perturbed_draft(tiny_target, out, family, num_layers=1, aux_norm=None):
     """An exported untrained draft whose norms and mask state are far from their neutral init."""
-    draft_dir = build_untrained_draft(tiny_target, out, seed=3, family=family, num_layers=num_layers)
+    draft_dir = build_untrained_draft(tiny_target, out, seed=3, family=family, num_layers=num_layers, aux_norm=aux_norm)
     weights = draft_dir / "model.safetensors"
     tensors = load_file(str(weights))
     gen = torch.Generator().manual_seed(5)
@@ -60,9 +61,13 @@ def served(request, tiny_target, tmp_path_factory):
     """(family, draft dir, recorded drafter forwards, greedy outputs) of one engine run."""
     from vllm import LLM, SamplingParams
 
-    family, num_layers = VARIANTS[request.param]
+    family, num_layers, aux_norm = VARIANTS[request.param]
     root = tmp_path_factory.mktemp(f"forward-{request.param}")
-    draft_dir = _perturbed_draft(tiny_target, root / "draft", family, num_layers)
+    draft_dir = _perturbed_draft(tiny_target, root / "draft", family, num_layers, aux_norm)
+    expected_norm = {"per_layer": FC_NORM.format(0), "joint": INPUT_NORM}.get(
+        json.loads((draft_dir / "export.json").read_text())["draft_json"]["aux_norm"])
+    assert (family == "eagle3.1" or aux_norm) == (expected_norm is not None)
+    assert expected_norm is None or expected_norm in load_file(str(draft_dir / "model.safetensors"))
     assert json.loads((draft_dir / "config.json").read_text())["num_hidden_layers"] == num_layers
     config = load_config(None, [f"target.path={tiny_target}", "target.dtype=float32", "target.kv_cache_gib=0.25",
                                 f"serve.num_speculative_tokens={STEPS}"])

@@ -1,9 +1,10 @@
 """Config of the train stage: draft architecture, TTT, optimizer, DeepSpeed, loader, logging."""
 
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from eaglecache.formats.draft import DEFAULT_AUX_NORM, resolve_aux_norm
 from eaglecache.section import Section, strictly_ascending
 
 
@@ -24,9 +25,12 @@ class DraftConfig(Section):
         "(vLLM's layers.1..); dflash: Qwen3 layers. vLLM 0.32's CPU build serves a multi-layer DFlash draft "
         "wrongly (every layer gets layer 0's k_norm): on CPU keep DFlash at 1."
     )
-    aux_norm: Literal["joint", "per_layer"] = Field(
-        "joint", description="eagle3.1 only: one RMSNorm over the concatenated aux states (joint: vLLM's "
-        "norm_before_fc) or one per aux layer (per_layer: vLLM's fc_norm)."
+    aux_norm: Optional[Literal["none", "joint", "per_layer"]] = Field(
+        None, description="RMSNorm of the aux states before fc: per_layer (one per aux layer, vLLM's fc_norm: EAGLE "
+        "3.1's paper), joint (one over their concatenation, vLLM's norm_before_fc, gpt-oss style; eagle3.1 only) or "
+        "none. null: the family's own (eagle3.1 per_layer, the others none); peagle may set per_layer; eagle3 and "
+        "dflash have none. Earlier releases wrote joint into every resolved config: for a family other than "
+        "eagle3.1 it is read as null."
     )
     mask_token_id: Optional[int] = Field(
         None, ge=0, description="peagle and dflash: token id of the parallel slots; null: for peagle the target's "
@@ -45,6 +49,30 @@ class DraftConfig(Section):
 
     # the draft families came after the first release: an EAGLE3 run of that release keeps its fingerprint
     IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("family", "aux_norm", "mask_token_id", "num_layers")
+
+    def identity(self, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        """As every section's, with ``aux_norm`` entered as the family resolves it, except where it equals what
+        the release before gave by default (eagle3.1: joint, the others: none), so that those runs keep their
+        fingerprints while an eagle3.1 run of today's default (per_layer) gets another one."""
+        out = super().identity(drop)
+        out.pop("aux_norm", None)
+        if "aux_norm" not in drop and self.family in DEFAULT_AUX_NORM:
+            resolved = resolve_aux_norm(self.family, self.aux_norm)
+            if resolved != ("joint" if self.family == "eagle3.1" else "none"):
+                out["aux_norm"] = resolved
+        return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_joint(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("aux_norm") == "joint" and data.get("family", "eagle3") != "eagle3.1":
+            data = {**data, "aux_norm": None}  # what earlier releases wrote by default, and ignored, for them
+        return data
+
+    @model_validator(mode="after")
+    def _aux_norm_fits_the_family(self):
+        resolve_aux_norm(self.family, self.aux_norm)  # ValueError: one config error line
+        return self
 
 
 class LauncherConfig(Section):

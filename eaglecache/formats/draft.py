@@ -187,20 +187,37 @@ def embedding_row_is_zero(embedding, token_id: int) -> bool:
     return bool(embedding[token_id].float().norm() <= 1e-3 * float(sample.median()))
 
 
-def family_arch(family: str, aux_norm: str = "joint", mask_token_id: Optional[int] = None,
+# the aux normalization each family has when the config leaves it open: EAGLE 3.1's paper normalizes each
+# captured state (vLLM's fc_norm); P-EAGLE's authors' recipe trains without (speculators normalizes: set it)
+DEFAULT_AUX_NORM = {"eagle3": "none", "eagle3.1": "per_layer", "peagle": "none", "dflash": "none"}
+AUX_NORMS = {"eagle3": ("none",), "eagle3.1": ("joint", "per_layer"), "peagle": ("none", "per_layer"),
+             "dflash": ("none",)}
+
+
+def resolve_aux_norm(family: str, aux_norm: Optional[str]) -> str:
+    """``aux_norm`` as given, or the family's default; ValueError for one the family has no place for."""
+    resolved = DEFAULT_AUX_NORM[family] if aux_norm is None else aux_norm
+    if resolved not in AUX_NORMS[family]:
+        raise ValueError(f"aux_norm {resolved!r} does not apply to the {family} family (it takes: "
+                         f"{', '.join(AUX_NORMS[family])})")
+    return resolved
+
+
+def family_arch(family: str, aux_norm: Optional[str] = None, mask_token_id: Optional[int] = None,
                 num_layers: int = 1) -> dict[str, Any]:
-    """The DraftArch fields a family sets: EAGLE 3.1 normalizes the aux states (``aux_norm``: joint or
-    per_layer) and carries the post-norm state; P-EAGLE drafts its steps 1.. in parallel from
-    ``mask_token_id``; DFlash drafts a block of mask tokens; EAGLE3 is the plain layer. Every family may
-    have ``num_layers`` decoder layers."""
+    """The DraftArch fields a family sets: EAGLE 3.1 normalizes the aux states (``aux_norm``: per_layer, its
+    paper's and the default, or joint, vLLM's gpt-oss-style norm_before_fc) and carries the post-norm state;
+    P-EAGLE drafts its steps 1.. in parallel from ``mask_token_id`` (per-layer aux norms optional, applied to
+    its mask state too, as vLLM does); DFlash drafts a block of mask tokens; EAGLE3 is the plain layer. Every family
+    may have ``num_layers`` decoder layers."""
     if family not in FAMILIES:
         raise ValueError(f"unknown draft family {family!r} (known: {', '.join(FAMILIES)})")
     if family in ("peagle", "dflash") and mask_token_id is None:
         raise ValueError(f"a {family} draft needs a mask token id")
-    base = {"family": family, "aux_norm": "none", "norm_output": False, "mask_token_id": None,
-            "num_layers": int(num_layers)}
+    base = {"family": family, "aux_norm": resolve_aux_norm(family, aux_norm), "norm_output": False,
+            "mask_token_id": None, "num_layers": int(num_layers)}
     if family == "eagle3.1":
-        return base | {"aux_norm": aux_norm, "norm_output": True}
+        return base | {"norm_output": True}
     if family in ("peagle", "dflash"):
         return base | {"mask_token_id": int(mask_token_id)}
     return base
