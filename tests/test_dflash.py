@@ -177,3 +177,17 @@ def test_the_dflash_mask_token_defaults_to_a_trained_row_and_a_zero_row_is_refus
     with pytest.raises(UserError, match=f"mask_token_id {pad}: the target's embedding row of that token is zero"):
         build_draft(load_config(None, [*settings, f"train.draft.mask_token_id={pad}"]), tiny_target, metadata, None,
                     torch.float32)
+
+
+def test_slots_reading_the_same_input_show_as_collapsed():
+    """DFlash's mask slots all fed one zero row predict one token each: ``same_k`` (slot k predicts what slot
+    k - 1 predicts) is 1 at every counted position, far above the data's own repetition (``repeat_k``)."""
+    draft = make_draft(num_layers=1)
+    with torch.no_grad():
+        draft.target.embed_weight[MASK] = 0  # the padding row of the bug: every slot's input is zero
+    draft.settings = TTTSettings(ttt_length=4, ttt_decay=0.8)
+    with torch.no_grad():
+        _, stats = draft(*shift_sample_tensors(*make_batch(batch=3, length=16, seed=3)))
+    counted = stats[1:, 2]
+    assert (counted > 0).all() and torch.equal(stats[1:, 3], counted)  # every slot after the first: the same token
+    assert (stats[1:, 4] < counted).all()  # the data does not repeat itself everywhere

@@ -74,14 +74,17 @@ def rope(x, pos):
     return reference_rope(x, pos, THETA)
 
 
-def reference_loss(draft, ids, mask, aux, final, steps, decay):
-    """(loss, correct per step, count per step) with plain loops over the raw (unshifted) inputs."""
+def reference_loss(draft, ids, mask, aux, final, steps, decay, collapse=False):
+    """(loss, correct per step, count per step) with plain loops over the raw (unshifted) inputs; with
+    ``collapse``, also per step the counted positions where the draft's argmax equals the step before's and
+    where the teacher's does."""
     P = dict(draft.named_parameters())
     tgt = draft.target
     W = P.get("lm_head.weight", tgt.lm_head_weight)
     draft_ids = draft.lm_head.draft_ids
     batch, length = ids.shape
     ce_sum, correct, count = [0.0] * steps, [0] * steps, [0] * steps
+    same, repeat = [0] * steps, [0] * steps
     arch = draft.arch
 
     def combine(x):  # x [A*H]: EAGLE 3.1's aux norms, then fc
@@ -136,14 +139,22 @@ def reference_loss(draft, ids, mask, aux, final, steps, decay):
                 values[i].append([(x @ P[f"{pre}.self_attn.v_proj.weight"].T).view(KV, D) for x in xs])
                 new_h = [mlp(new_h[t] + attend(qs[t], keys[i], values[i], t, k) @ P[f"{pre}.self_attn.o_proj.weight"].T,
                              pre) for t in range(length)]
+            tops = {}  # t -> (draft's argmax, teacher's argmax) at step k, for step k + 1
             for t in range(length):
+                if t + k < length - 1:
+                    target_logits = rms(final[b, t + 1 + k], tgt.norm_weight) @ tgt.lm_head_weight.T
+                    draft_top = int(torch.argmax(rms(new_h[t], P["norm.weight"]) @ W.T))
+                    tops[t] = (int(draft_ids[draft_top]) if draft_ids is not None else draft_top,
+                               int(target_logits.argmax()))
                 # loss mask not shifted, last position zeroed, then shifted by k with the ids
                 if not (t + k < length - 1 and mask[b, t + k]):
                     continue
-                target_logits = rms(final[b, t + 1 + k], tgt.norm_weight) @ tgt.lm_head_weight.T
-                target_top = int(target_logits.argmax())
+                target_top = tops[t][1]
                 logq = torch.log_softmax(rms(new_h[t], P["norm.weight"]) @ W.T, -1)
                 count[k] += 1
+                if k > 0:
+                    same[k] += int(tops[t][0] == previous_tops[t][0])
+                    repeat[k] += int(target_top == previous_tops[t][1])
                 if draft_ids is None:
                     correct[k] += int(int(logq.argmax()) == target_top)
                     ce_sum[k] = ce_sum[k] - (torch.softmax(target_logits, -1) * logq).sum()
@@ -153,8 +164,9 @@ def reference_loss(draft, ids, mask, aux, final, steps, decay):
                         p = torch.softmax(target_logits[draft_ids], -1)
                         ce_sum[k] = ce_sum[k] - (p * logq).sum()
             h = [rms(x, P["norm.weight"]) for x in new_h] if arch.norm_output else new_h
+            previous_tops = tops
     loss = sum(decay ** k * ce_sum[k] / max(1, count[k]) for k in range(steps))
-    return loss, correct, count
+    return (loss, correct, count, same, repeat) if collapse else (loss, correct, count)
 
 
 # ------------------------------------------------------------------ the tests
@@ -177,13 +189,14 @@ def test_ttt_loss_and_gradients_match_the_plain_reference(draft_vocab, family):
     draft = make_draft(draft_vocab, family=family)
     raw = make_batch()
     params = [p for p in draft.parameters()]
-    ref_loss, ref_correct, ref_count = reference_loss(draft, *raw, steps, decay)
+    ref_loss, ref_correct, ref_count, ref_same, ref_repeat = reference_loss(draft, *raw, steps, decay, collapse=True)
     ref_grads = torch.autograd.grad(ref_loss, params)
     for attention in ("reference", "split"):
         loss, stats = run_implementation(draft, raw, steps, decay, attention=attention)
         grads = torch.autograd.grad(loss, params)
         assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=1e-12), (attention, loss, ref_loss)
         assert stats[:, 1].tolist() == ref_correct and stats[:, 2].tolist() == ref_count
+        assert stats[:, 3].tolist() == ref_same and stats[:, 4].tolist() == ref_repeat  # slot collapse, data repeats
         for (name, _), g, rg in zip(draft.named_parameters(), grads, ref_grads):
             assert torch.allclose(g, rg, rtol=1e-8, atol=1e-10), (attention, name, (g - rg).abs().max())
     assert sum(ref_count) > 0 and ref_loss > 0

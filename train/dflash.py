@@ -164,7 +164,7 @@ class DFlashDraft(nn.Module):
         return self.norm(hidden)
 
     def forward(self, input_ids, loss_mask, aux, final):
-        """Shifted batch -> (loss, stats [ttt_length, 5]) as train/ttt.py's ttt_loss: slot k + 1 is step k."""
+        """Shifted batch -> (loss, stats [ttt_length, 7]) as train/ttt.py's ttt_loss: slot k + 1 is step k."""
         settings = self.settings
         states = self.block_states(input_ids, aux, settings.ttt_length + 1)
         masks, weights = step_weights(loss_mask, settings.ttt_length, settings.ttt_decay)

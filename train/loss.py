@@ -75,7 +75,10 @@ class _ChunkedSoftCE(torch.autograd.Function):
         grad_weight = torch.zeros(draft_weight.shape, dtype=acc, device=hidden.device) \
             if want_weight_grad else None
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        stats = torch.zeros(steps, 3, dtype=torch.float64, device=hidden.device)
+        # per step: CE sum, correct, positions, then (step k >= 1) positions where the draft's argmax equals step
+        # k - 1's at the same position (slots collapsing into one prediction) and where the teacher's does
+        # (the data repeating itself: what collapse should be compared with)
+        stats = torch.zeros(steps, 5, dtype=torch.float64, device=hidden.device)
         stats[:, 2] = masks.sum(dim=(1, 2)).double()
         agree = torch.zeros_like(masks)  # [K, B, T]: step k's argmax is the teacher's (mask or not)
         span = max(1, chunk_tokens // batch)
@@ -93,6 +96,7 @@ class _ChunkedSoftCE(torch.autograd.Function):
                 in_vocab = t2d[target_argmax].view(batch, num_rows)
                 probs = _softmax_(target_logits[:, draft_ids])[0]
             probs, target_argmax = probs.view(batch, num_rows, -1), target_argmax.view(batch, num_rows)
+            previous = None  # step k - 1's draft argmax over this chunk, [batch, its positions]
             for k in range(steps):
                 end = min(stop, length - k)  # step k has no teacher (and no mask) past length - k
                 if end <= start:
@@ -116,6 +120,12 @@ class _ChunkedSoftCE(torch.autograd.Function):
                 match = draft_argmax == target_argmax[:, k:k + n].flatten()
                 agree[k, :, start:end] = match.view(batch, n)
                 stats[k, 1] += (match & m).sum().double()
+                if previous is not None:
+                    same = draft_argmax.view(batch, n) == previous[:, :n]
+                    repeat = target_argmax[:, k:k + n] == target_argmax[:, k - 1:k - 1 + n]
+                    stats[k, 3] += (same.flatten() & m).sum().double()
+                    stats[k, 4] += (repeat.flatten() & m).sum().double()
+                previous = draft_argmax.view(batch, n)
                 grad_logits = q.sub_(p).mul_(w[:, None])  # d loss / d logits = w * (softmax - teacher)
                 grad_hidden[k, :, start:end] = (grad_logits.to(draft_weight.dtype) @ draft_weight).view(batch, n, -1)
                 if want_weight_grad:

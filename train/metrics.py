@@ -5,6 +5,10 @@ over ranks (one all-reduce) and turns sums into the logged values:
 
 - ``ce_k`` / ``acc_k``: soft cross-entropy and argmax agreement of TTT step k, over
   its loss-masked positions (step k predicts the (k+1)-th token ahead);
+- ``same_k`` (k >= 1): the share of those positions where step (slot) k's argmax is step k-1's at the
+  same position: slots collapsing into one prediction (a DFlash whose mask slots all read the same input
+  reaches 1 there while its per-slot accuracy looks merely low); ``repeat_k``: the same for the teacher's
+  argmax, the data's own repetition, which ``same_k`` should be near;
 - ``accept_len_3``: the mean accept length of vLLM's greedy speculative decoding with 3
   draft tokens (1 + accepted / drafts), simulated on the training tokens by walking
   them the way the decoder does (``decode_walk``); ``accept_len_all`` the same with
@@ -28,6 +32,10 @@ from typing import Any
 import torch
 
 from eaglecache.formats import run as run_format
+
+# the loss's per-step statistics (train/loss.py: CE, correct, positions, same as the slot before, teacher
+# repeats) and the decode walk's (train/metrics.py decode_walk: accepted, drafted), in that order
+STAT_COLUMNS = 7
 
 
 def _ahead(mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,7 +92,7 @@ class MetricsTracker:
         self.reset()
 
     def reset(self) -> None:
-        self.stats = torch.zeros(self.ttt_length, 5, dtype=torch.float64)
+        self.stats = torch.zeros(self.ttt_length, STAT_COLUMNS, dtype=torch.float64)
         self.loss_sum, self.micro_batches, self.tokens = 0.0, 0, 0
         self.wait_s, self.step_s = 0.0, 0.0
 
@@ -106,11 +114,12 @@ class MetricsTracker:
             flat = flat.to(self.device)
             torch.distributed.all_reduce(flat)
             flat = flat.cpu()
-        stats = flat[:self.ttt_length * 5].view(self.ttt_length, 5)
-        loss_sum, micro_batches, tokens, wait_s, step_s = flat[self.ttt_length * 5:].tolist()
+        stats = flat[:self.ttt_length * STAT_COLUMNS].view(self.ttt_length, STAT_COLUMNS)
+        loss_sum, micro_batches, tokens, wait_s, step_s = flat[self.ttt_length * STAT_COLUMNS:].tolist()
         count = stats[:, 2].clamp_min(1)
         ce, acc = (stats[:, 0] / count).tolist(), (stats[:, 1] / count).tolist()
-        walk = (1 + stats[:, 3] / stats[:, 4].clamp_min(1)).tolist()
+        same, repeat = (stats[1:, 3] / count[1:]).tolist(), (stats[1:, 4] / count[1:]).tolist()
+        walk = (1 + stats[:, 5] / stats[:, 6].clamp_min(1)).tolist()
         wall_s = step_s / world_size  # ranks run side by side
         record = {
             "loss": loss_sum / max(1, micro_batches),
@@ -123,6 +132,8 @@ class MetricsTracker:
         }
         record.update({f"ce_{k}": v for k, v in enumerate(ce)})
         record.update({f"acc_{k}": v for k, v in enumerate(acc)})
+        record.update({f"same_{k}": v for k, v in enumerate(same, start=1)})
+        record.update({f"repeat_{k}": v for k, v in enumerate(repeat, start=1)})
         self.reset()
         return record
 

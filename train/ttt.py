@@ -110,10 +110,11 @@ def unroll(draft, input_ids: torch.Tensor, aux: torch.Tensor, settings: TTTSetti
 
 
 def ttt_loss(draft, input_ids, loss_mask, aux, final, settings: TTTSettings):
-    """The TTT training loss of one micro-batch: (loss, stats [K, 5] fp64).
+    """The TTT training loss of one micro-batch: (loss, stats [K, 7] fp64).
 
-    Row k of stats: step k's CE sum, correct count, position count, then the accepted tokens and
-    drafting rounds of a greedy decode walk with k + 1 speculative tokens (train/metrics.py). The walk
+    Row k of stats: step k's CE sum, correct count, position count, positions where its argmax is step
+    k-1's and where the teacher's is (train/loss.py), then the accepted tokens and drafting rounds of a
+    greedy decode walk with k + 1 speculative tokens (train/metrics.py). The walk
     is P-EAGLE's acceptance rule exactly (its step k at t never reads a drafted token), and EAGLE3's
     with the true tokens in place of the drafted ones."""
     normed = unroll(draft, input_ids, aux, settings)
