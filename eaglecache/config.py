@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from eaglecache.data.config import DataConfig
 from eaglecache.errors import UserError
 from eaglecache.section import Section
 from eaglecache.precompute.config import PrecomputeConfig
 from eaglecache.serve.config import ServeConfig
-from eaglecache.train.config import TrainConfig
+from eaglecache.train.config import PARALLEL_FAMILIES, SEQUENTIAL_TTT_LENGTH, TrainConfig
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2 floats: PyYAML reads ``1e-4`` (no dot) as a string."""
@@ -122,6 +122,15 @@ class Config(Section):
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _resolve_ttt_length(self):
+        """train.ttt_length null: 7 for sequential families; for the parallel ones the slots vLLM serves. Resolved
+        here, once, so every stage (and the resolved config a run writes) sees the number."""
+        if self.train.ttt_length is None:
+            parallel = self.train.draft.family in PARALLEL_FAMILIES
+            self.train.ttt_length = self.serve.num_speculative_tokens if parallel else SEQUENTIAL_TTT_LENGTH
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -243,3 +243,15 @@ def test_eagle31_defaults_to_its_papers_per_layer_norms_and_older_joint_runs_kee
     for family in ("eagle3", "peagle", "dflash"):
         old = load_config(None, [f"train.draft.family={family}", "train.draft.aux_norm=joint"])
         assert old.train.draft.aux_norm is None and "aux_norm" not in old.train.draft.identity()
+
+
+def test_parallel_families_train_as_many_slots_as_are_served_and_eagle3_keeps_its_depth():
+    eagle3 = load_config(None)
+    assert eagle3.train.ttt_length == 7
+    assert eagle3.fingerprint("train") == load_config(None, ["train.ttt_length=7"]).fingerprint("train")
+    for family in ("peagle", "dflash"):
+        served = load_config(None, [f"train.draft.family={family}"])
+        assert served.train.ttt_length == served.serve.num_speculative_tokens == 3
+        assert load_config(None, [f"train.draft.family={family}", "serve.num_speculative_tokens=5"]).train.ttt_length == 5
+        assert load_config(None, [f"train.draft.family={family}", "train.ttt_length=7"]).train.ttt_length == 7
+    assert load_config(None, ["train.draft.family=eagle3.1", "serve.num_speculative_tokens=5"]).train.ttt_length == 7

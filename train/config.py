@@ -10,6 +10,8 @@ from eaglecache.section import Section, strictly_ascending
 
 # the deepest TTT unroll a run may ask for: metrics and the ablation report name positions 0..63
 MAX_TTT_LENGTH = 64
+SEQUENTIAL_TTT_LENGTH = 7  # the TTT depth of the EAGLE3 recipes (train.ttt_length null, sequential families)
+PARALLEL_FAMILIES = ("peagle", "dflash")  # their slots 1.. read a constant input: train what is served
 
 
 class DraftConfig(Section):
@@ -89,8 +91,10 @@ class TrainConfig(Section):
     source: Literal["cache", "online"] = Field(
         "cache", description="Read features from the Zarr cache, or compute them live with the target."
     )
-    ttt_length: int = Field(7, ge=1, le=MAX_TTT_LENGTH,
-                            description=f"TTT depth: draft steps unrolled per position in training (1..{MAX_TTT_LENGTH}).")
+    ttt_length: Optional[int] = Field(
+        None, ge=1, le=MAX_TTT_LENGTH, description=f"TTT depth: draft steps unrolled per position in training "
+        f"(1..{MAX_TTT_LENGTH}). null: 7 for the sequential families (eagle3, eagle3.1); for the parallel ones "
+        "(peagle, dflash) as many slots as vLLM serves, serve.num_speculative_tokens (a DFlash block is that + 1).")
     ttt_decay: float = Field(0.8, gt=0.0, description="Weight of TTT step k is ttt_decay**k.")
     lr: float = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
