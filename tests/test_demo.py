@@ -88,6 +88,6 @@ def test_the_gpu_checks_report_reads_a_demo_run(demo):
     assert figures["tokens_per_s"] > 0 and figures["peak_memory_gib"] > 0.1 and 0 <= figures["data_wait_fraction"] < 1
     assert set(stage_seconds(demo["out"])) >= {"regenerate", "precompute", "train", "bench"}
     assert f"| {figures['tokens_per_s']:,.0f} |" in text and "precompute:" in text and "tokens/s" in text
-    for row in _rows(demo["results"], "trained"):
+    for row in _rows(demo["results"], "trained").values():
         assert f"| {row['prompt_set']} | {row['n']} | {row['mean_accept_length']:.3f} |" in text
 

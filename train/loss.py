@@ -104,7 +104,7 @@ class _ChunkedSoftCE(torch.autograd.Function):
                 n = end - start
                 h = hidden[k, :, start:end].flatten(0, 1)
                 p = probs[:, k:k + n].flatten(0, 1)
-                m = masks[k, :, start:end].flatten()
+                m = counted = masks[k, :, start:end].flatten()  # counted: every masked position, as stats[:, 2]
                 w = weights[k, :, start:end].flatten().to(acc)
                 if in_vocab is not None:
                     valid = in_vocab[:, k:k + n].flatten()
@@ -123,8 +123,8 @@ class _ChunkedSoftCE(torch.autograd.Function):
                 if previous is not None:
                     same = draft_argmax.view(batch, n) == previous[:, :n]
                     repeat = target_argmax[:, k:k + n] == target_argmax[:, k - 1:k - 1 + n]
-                    stats[k, 3] += (same.flatten() & m).sum().double()
-                    stats[k, 4] += (repeat.flatten() & m).sum().double()
+                    stats[k, 3] += (same.flatten() & counted).sum().double()
+                    stats[k, 4] += (repeat.flatten() & counted).sum().double()
                 previous = draft_argmax.view(batch, n)
                 grad_logits = q.sub_(p).mul_(w[:, None])  # d loss / d logits = w * (softmax - teacher)
                 grad_hidden[k, :, start:end] = (grad_logits.to(draft_weight.dtype) @ draft_weight).view(batch, n, -1)
