@@ -27,9 +27,6 @@ from eaglecache.precompute.writer import PartWriter, create_or_check_cache
 
 log = logging.getLogger(__name__)
 
-STORE_SETTINGS = ("codec", "codec_level", "chunk_tokens")
-
-
 def converted_metadata(metadata: dict[str, Any], precompute) -> dict[str, Any]:
     """``metadata`` with the store settings of the ``precompute`` config section in place of its own."""
     new = copy.deepcopy(metadata)
@@ -92,4 +89,3 @@ def run_convert(config, cache: str, output: str) -> int:
     print(f"{output}: {total} samples in format v2, codec {metadata['codec']} level {metadata['codec_level']}, "
           f"{metadata['chunk_tokens']} tokens/chunk; verified")
     return 0
-

@@ -4,7 +4,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from eaglecache.formats.draft import DEFAULT_AUX_NORM, resolve_aux_norm
+from eaglecache.formats.draft import resolve_aux_norm
 from eaglecache.section import Section, strictly_ascending
 
 
@@ -58,7 +58,7 @@ class DraftConfig(Section):
         fingerprints while an eagle3.1 run of today's default (per_layer) gets another one."""
         out = super().identity(drop)
         out.pop("aux_norm", None)
-        if "aux_norm" not in drop and self.family in DEFAULT_AUX_NORM:
+        if "aux_norm" not in drop:
             resolved = resolve_aux_norm(self.family, self.aux_norm)
             if resolved != ("joint" if self.family == "eagle3.1" else "none"):
                 out["aux_norm"] = resolved

@@ -202,7 +202,8 @@ class StreamingLoader:
         chunk = getattr(source, "chunk_rows", None) if self.aux_indices is None else None
         rows = length + 1 if chunk is None else max(length + 1, -(-length // chunk) * chunk)
         empty = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, pin_memory=self.pin_memory)  # noqa: E731
-        ids, mask = torch.zeros(batch_size, length, dtype=torch.int64), torch.zeros(batch_size, length, dtype=torch.uint8)
+        ids = torch.zeros(batch_size, length, dtype=torch.int64, pin_memory=self.pin_memory)
+        mask = torch.zeros(batch_size, length, dtype=torch.uint8, pin_memory=self.pin_memory)
         num_selected = num_aux if self.aux_indices is None else len(self.aux_indices)
         aux_buffer, final_buffer = empty(batch_size, rows, num_selected, hidden), empty(batch_size, rows, hidden)
         aux_bits, final_bits = (t.view(torch.int16).numpy().view(np.uint16) for t in (aux_buffer, final_buffer))
@@ -283,4 +284,3 @@ class StreamingLoader:
                 for _, future in pending:
                     future.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
-

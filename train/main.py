@@ -24,6 +24,7 @@ import torch
 from eaglecache.dtypes import TORCH_DTYPES, resolve_dtype
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
+from eaglecache.train.config import PARALLEL_FAMILIES
 
 log = logging.getLogger("eaglecache.train")
 
@@ -90,12 +91,6 @@ def aux_indices(wanted: list[int], stored: list[int]) -> Optional[list[int]]:
     return None if wanted == stored else [stored.index(i) for i in wanted]
 
 
-def trains_parallel_slots(config) -> bool:
-    from eaglecache.train.config import PARALLEL_FAMILIES
-
-    return config.train.draft.family in PARALLEL_FAMILIES
-
-
 def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Optional[str] = None,
           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """One rank's whole run: model, engine, resume, loop, final weights. Returns the last metrics."""
@@ -117,7 +112,7 @@ def train(config, run_dir: Path, source, *, target_dir: Path, vocab_path: Option
     loader = StreamingLoader(source, plan, rank=rank, max_seq_length=config.train_max_seq_length, total_steps=total_steps,
                              aux_indices=aux_indices,
                              workers=tc.loader_workers, prefetch=tc.prefetch, pin_memory=device.type == "cuda")
-    if rank == 0 and trains_parallel_slots(config) and tc.ttt_length != config.serve.num_speculative_tokens:
+    if rank == 0 and tc.draft.family in PARALLEL_FAMILIES and tc.ttt_length != config.serve.num_speculative_tokens:
         log.warning("train.ttt_length %d trains %d parallel slots, and vLLM serves serve.num_speculative_tokens %d: "
                     "the slots past those served share their constant input and take part of the loss (unset "
                     "train.ttt_length to train as many as are served)", tc.ttt_length, tc.ttt_length,

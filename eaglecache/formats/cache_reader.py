@@ -232,10 +232,8 @@ class FeatureCache:
         return arrays
 
     def read(self, sample_id: int) -> Sample:
-        i = self._find(sample_id)
-        shard = self.shard(int(self._shard_of[i]))
-        start = int(self._start[i])
-        stop = start + int(self._length[i])
+        shard, start, length = self.locate(sample_id)
+        stop = start + length
         states = {}
         for name in STATE_ARRAYS:
             if self.fp8:

@@ -292,7 +292,8 @@ class ShardArray:
         for item in pending + [None]:
             if run and (item is None or item[1] != run[-1][1] + run[-1][2]):
                 begin = run[0][1]
-                data = memoryview(self.source.read(begin, run[-1][1] + run[-1][2] - begin))
+                data = self._read_buffer(run[-1][1] + run[-1][2] - begin)  # valid until the next run's read
+                self.source.read_into(begin, data)
                 for chunk, offset, size in run:
                     yield chunk, data[offset - begin:offset - begin + size]
                 run = []
@@ -300,12 +301,15 @@ class ShardArray:
                 run.append(item)
 
     def _decoded(self, chunk: int, data: memoryview) -> np.ndarray:
-        """The chunk's rows, decoded into a buffer this array reuses (a fresh one costs a page fault per 4 KiB);
-        valid until the next partial decode, which is why callers copy out of it at once."""
-        if self.decode is not None and self._scratch is None:
+        """The chunk's rows, decoded (or copied, uncompressed) into a buffer this array reuses (a fresh one costs a
+        page fault per 4 KiB); valid until the next partial decode, which is why callers copy out of it at once."""
+        if self._scratch is None:
             self._scratch = np.empty(self.rows_per_chunk * self.row_bytes, np.uint8)
-        raw = data if self.decode is None else self.decode(data, out=self._scratch)
-        block = np.frombuffer(raw, dtype=self.dtype).reshape((self.rows_per_chunk,) + self.row_shape)
+        if self.decode is None:  # a copy: the read buffer it came from is reused by the next read
+            self._scratch[:len(data)] = np.frombuffer(data, np.uint8)
+        else:
+            self.decode(data, out=self._scratch)
+        block = self._scratch.view(self.dtype).reshape((self.rows_per_chunk,) + self.row_shape)
         self._last = (chunk, block)
         return block
 
