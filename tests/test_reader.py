@@ -186,9 +186,12 @@ def test_the_loader_hints_every_micro_batch_it_queues_and_its_batches_do_not_cha
     queued = list(hinted)
     inline = list(StreamingLoader(open_cache(tmp_path), plan, rank=0, max_seq_length=64, total_steps=4, workers=0))
     read = [sid for _, batches in threaded for b in batches for sid in b.sample_ids]
-    # in the plan's order, none twice, never the first micro-batch (begun before anything was queued after it)
+    # in the plan's order, none twice, never the first micro-batch (begun before anything was queued after it).
+    # How many are hinted depends on thread timing (a micro-batch a worker begins before the ones after it are
+    # queued hints none of them: 6 of 14 under a loaded CI run); the byte window itself is tested without
+    # threads in test_train_loader.py
     positions = [read.index(sid) for sid in queued]
-    assert positions == sorted(set(positions)) and min(positions) >= 2 and len(queued) >= 8 and len(read) == 16
+    assert positions == sorted(set(positions)) and min(positions) >= 2 and len(queued) >= 2 and len(read) == 16
     for (step_a, a), (step_b, b) in zip(threaded, inline):
         assert step_a == step_b
         for x, y in zip(a, b):
