@@ -85,6 +85,10 @@ class LauncherConfig(Section):
         None, ge=1, le=65535,
         description="Rendezvous port; null: a free port on one node (so runs side by side never collide), 29500 on several.",
     )
+    collective_timeout_s: int = Field(
+        600, ge=10, description="Seconds a rank waits in one collective before it gives up with an error naming the "
+        "lost peer (a node lost mid-run); torch's default is 30 min. Long enough for the slowest checkpoint save.",
+    )
 
 
 class TrainConfig(Section):
