@@ -129,6 +129,19 @@ class TrainConfig(Section):
     loader_workers: int = Field(2, ge=0, description="Background threads reading and decoding the cache.")
     prefetch: int = Field(4, ge=1, description="Batches read ahead of the step.")
     subset_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Deterministic fraction of samples to train on.")
+    lk_loss: Optional[Literal["alpha", "lambda"]] = Field(
+        None, description="LK loss (arXiv 2602.23881) in place of the soft cross-entropy: alpha = -log(acceptance), "
+        "lambda = exp(-lk_eta*sg(acceptance)) * KL + (1 - that) * TV per position (speculators' lk_hybrid); "
+        "acceptance = sum_v min(p_v, q_v). null: soft cross-entropy (docs/loss.md).")
+    lk_eta: float = Field(3.0, ge=0.0, description="lk_loss=lambda only: eta of the KL weight exp(-eta * acceptance), "
+                          "unitless (3: speculators' default, SpecForge's original --kl-decay).")
+    hidden_noise: float = Field(
+        0.0, ge=0.0, description="Half-width of uniform noise U(-x, x) added in training (never in evaluation) to "
+        "every aux state before fc, absolute, in the target's hidden-state units: speculators' --noise-std (a "
+        "half-width despite its name; its default 0.05). 0: none.")
+    loss_mask_alignment: Literal["anchor", "predicted"] = Field(
+        "anchor", description="Which loss-mask position weights TTT step k's prediction of raw token t+k+2: anchor "
+        "= mask[t+k] (EAGLE3's reference, SpecForge), predicted = mask[t+k+2], the predicted token's own (docs/loss.md).")
     draft: DraftConfig = Field(default_factory=DraftConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
 
@@ -143,3 +156,5 @@ class TrainConfig(Section):
     # how the run is launched, logged, read and saved: none of these changes a trained weight
     RUNTIME_ONLY: ClassVar[tuple[str, ...]] = ("launcher", "log_interval", "checkpoint_interval",
                                                "keep_checkpoints", "loader_workers", "prefetch")
+    # the loss knobs came after the first release: a run that leaves them at their defaults keeps its fingerprint
+    IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("lk_loss", "lk_eta", "hidden_noise", "loss_mask_alignment")

@@ -33,7 +33,7 @@ from eaglecache.train.draft import MLP, RMSNorm, Rotary, apply_rotary, check_for
 from eaglecache.train.loss import LMHeadLoss
 from eaglecache.train.metrics import decode_walk
 from eaglecache.train.target_head import TargetHead
-from eaglecache.train.ttt import TTTSettings, step_weights
+from eaglecache.train.ttt import TTTSettings, noisy_aux, step_weights
 
 
 def _block_attention(q, ctx_k, ctx_v, k, v, first_anchor: int) -> torch.Tensor:
@@ -166,10 +166,12 @@ class DFlashDraft(nn.Module):
     def forward(self, input_ids, loss_mask, aux, final):
         """Shifted batch -> (loss, stats [ttt_length, 7]) as train/ttt.py's ttt_loss: slot k + 1 is step k."""
         settings = self.settings
+        aux = noisy_aux(aux, settings, self.training, self.fc.weight.dtype)
         states = self.block_states(input_ids, aux, settings.ttt_length + 1)
-        masks, weights = step_weights(loss_mask, settings.ttt_length, settings.ttt_decay)
+        masks, weights = step_weights(loss_mask, settings.ttt_length, settings.ttt_decay,
+                                      settings.loss_mask_alignment)
         with torch.no_grad():
             teacher = self.target.final_norm(final)
         loss, stats, agree = self.lm_head(states[:, :, 1:].permute(2, 0, 1, 3).contiguous(), teacher, masks, weights,
-                                          settings.loss_chunk_tokens)
+                                          settings.loss_chunk_tokens, settings.lk_loss, settings.lk_eta)
         return loss, torch.cat([stats, decode_walk(agree, loss_mask).to(stats.device)], dim=1)

@@ -9,6 +9,21 @@ backward only scales the stored gradients. Nothing of size T x V is kept, and no
 logits are recomputed.
 
 The weighting of positions and steps (the normalization) is given by train/ttt.py's ``step_weights``.
+
+``lk_loss`` replaces the per-position soft cross-entropy by one of the LK losses of Samarin et al.,
+"LK Losses: Direct Acceptance Rate Optimization for Speculative Decoding" (arXiv 2602.23881), with
+the acceptance alpha = sum_v min(p_v, q_v) of the target's p and the draft's q (1 - total variation):
+
+- ``alpha``: -log(alpha), alpha floored at 1e-5 (below it no gradient), as speculators' ``nla`` loss and
+  SpecForge's ``lk_loss_type=alpha`` (both average it over the loss-masked positions, as here);
+- ``lambda``: w * KL(p || q) + (1 - w) * (1 - alpha) with w = exp(-eta * alpha), alpha not differentiated
+  in w, per position: speculators' ``lk_hybrid`` (eta 3). SpecForge's ``lk_loss_type=lambda`` (the
+  paper's authors' pull request) forms w once per TTT step from the step's mean alpha over the batch and
+  blends the step means; per position is chosen here because it needs nothing outside a chunk.
+
+With a reduced vocabulary alpha uses the target's own probabilities of the draft's tokens (not
+renormalized: tokens outside the draft's vocab can never be accepted), KL the renormalized ones, as
+SpecForge does. The logged ``ce_k`` stays the soft cross-entropy whatever the loss.
 """
 
 from __future__ import annotations
@@ -17,6 +32,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
+LK_ALPHA_FLOOR = 1e-5  # -log(alpha) is taken of max(alpha, this), as speculators' nla loss
 
 
 class LMHeadLoss(nn.Module):
@@ -48,11 +65,12 @@ class LMHeadLoss(nn.Module):
         if self.weight is not None:
             self.weight.copy_(self.target[0].lm_head_weight[self.draft_ids].float())
 
-    def forward(self, hidden, teacher, masks, weights, chunk_tokens: int):
+    def forward(self, hidden, teacher, masks, weights, chunk_tokens: int, lk_loss: Optional[str] = None,
+                lk_eta: float = 3.0):
         target_weight = self.target[0].lm_head_weight
         draft_weight = target_weight if self.weight is None else self.weight
         return _ChunkedSoftCE.apply(hidden, draft_weight, teacher, target_weight, masks, weights,
-                                    self.draft_ids, self.t2d, chunk_tokens)
+                                    self.draft_ids, self.t2d, chunk_tokens, lk_loss, lk_eta)
 
 
 def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +85,10 @@ class _ChunkedSoftCE(torch.autograd.Function):
     """Weighted soft cross-entropy of K steps' draft logits against the shifted teacher, by chunks."""
 
     @staticmethod
-    def forward(ctx, hidden, draft_weight, teacher, target_weight, masks, weights, draft_ids, t2d, chunk_tokens):
+    def forward(ctx, hidden, draft_weight, teacher, target_weight, masks, weights, draft_ids, t2d, chunk_tokens,
+                lk_loss=None, lk_eta=3.0):
+        if lk_loss not in (None, "alpha", "lambda"):
+            raise ValueError(f"unknown lk_loss {lk_loss!r}")
         steps, batch, length, _ = hidden.shape
         acc = torch.promote_types(hidden.dtype, torch.float32)  # logits, softmax and sums: fp32 at least
         want_weight_grad = ctx.needs_input_grad[1]
@@ -88,13 +109,19 @@ class _ChunkedSoftCE(torch.autograd.Function):
             rows = teacher[:, start:min(stop + steps - 1, length)]
             num_rows = rows.shape[1]
             target_logits = (rows.flatten(0, 1) @ target_weight.T).to(acc)
-            in_vocab = None
+            in_vocab = mass = entropy = None
             if draft_ids is None:
                 probs, target_argmax, _ = _softmax_(target_logits)
             else:  # reduced vocab: teacher renormalised over the draft's tokens
                 target_argmax = target_logits.argmax(-1)
                 in_vocab = t2d[target_argmax].view(batch, num_rows)
-                probs = _softmax_(target_logits[:, draft_ids])[0]
+                if lk_loss is not None:  # the target's probability of the draft's vocab, for alpha
+                    full_lse = target_logits.logsumexp(-1)
+                probs, _, draft_lse = _softmax_(target_logits[:, draft_ids])
+                if lk_loss is not None:
+                    mass = (draft_lse - full_lse).exp().view(batch, num_rows)
+            if lk_loss == "lambda":  # H(p), for KL = CE - H(p)
+                entropy = -torch.special.xlogy(probs, probs).sum(-1).view(batch, num_rows)
             probs, target_argmax = probs.view(batch, num_rows, -1), target_argmax.view(batch, num_rows)
             previous = None  # step k - 1's draft argmax over this chunk, [batch, its positions]
             for k in range(steps):
@@ -115,7 +142,8 @@ class _ChunkedSoftCE(torch.autograd.Function):
                 ce = lse - dot  # = -sum_v p * log q
                 if draft_ids is not None:
                     draft_argmax = draft_ids[draft_argmax]
-                loss += (ce * w).sum().double()
+                if lk_loss is None:
+                    loss += (ce * w).sum().double()
                 stats[k, 0] += (ce * m).sum().double()
                 match = draft_argmax == target_argmax[:, k:k + n].flatten()
                 agree[k, :, start:end] = match.view(batch, n)
@@ -126,7 +154,12 @@ class _ChunkedSoftCE(torch.autograd.Function):
                     stats[k, 3] += (same.flatten() & counted).sum().double()
                     stats[k, 4] += (repeat.flatten() & counted).sum().double()
                 previous = draft_argmax.view(batch, n)
-                grad_logits = q.sub_(p).mul_(w[:, None])  # d loss / d logits = w * (softmax - teacher)
+                if lk_loss is None:
+                    grad_logits = q.sub_(p).mul_(w[:, None])  # d loss / d logits = w * (softmax - teacher)
+                else:
+                    accepted = p if mass is None else p * mass[:, k:k + n].flatten()[:, None]
+                    grad_logits = _lk_grad_logits_(q, p, accepted, w, lk_loss, lk_eta, loss, ce,
+                                                   None if entropy is None else entropy[:, k:k + n].flatten())
                 grad_hidden[k, :, start:end] = (grad_logits.to(draft_weight.dtype) @ draft_weight).view(batch, n, -1)
                 if want_weight_grad:
                     grad_weight.addmm_(grad_logits.T, h.to(acc))
@@ -141,5 +174,26 @@ class _ChunkedSoftCE(torch.autograd.Function):
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+
+
+def _lk_grad_logits_(q, p, accepted, w, lk_loss, eta, loss, ce, entropy):
+    """The LK loss of [n] positions (module docstring) added to ``loss`` (weighted by ``w``); returns its
+    gradient w.r.t. the draft logits (``q``, the draft's probabilities, may be overwritten).
+
+    d alpha / d z_j = q_j (s_j - sum_v s_v q_v), s_v = [q_v < accepted_v]: alpha = sum_v min(q_v, accepted_v)
+    follows q where q is the smaller."""
+    below = (q < accepted).to(q.dtype)
+    alpha = torch.minimum(q, accepted).sum(-1)
+    below.mul_(q)  # s * q
+    dalpha = below.sub_(q * below.sum(-1, keepdim=True))  # d alpha / d logits, [n, V]
+    if lk_loss == "alpha":
+        kept = alpha > LK_ALPHA_FLOOR
+        loss += (-alpha.clamp_min(LK_ALPHA_FLOOR).log() * w).sum().double()
+        return dalpha.mul_(torch.where(kept, -w / alpha.clamp_min(LK_ALPHA_FLOOR), 0.0)[:, None])
+    kl_weight = torch.exp(-eta * alpha)  # not differentiated
+    loss += ((kl_weight * (ce - entropy) + (1 - kl_weight) * (1 - alpha)) * w).sum().double()
+    # d/dz: kl_weight * (q - p) + (1 - kl_weight) * (-d alpha / dz), times w
+    grad = q.sub_(p).mul_((kl_weight * w)[:, None])
+    return grad.sub_(dalpha.mul_(((1 - kl_weight) * w)[:, None]))
 
