@@ -47,6 +47,16 @@ def test_grid_expands_to_the_cartesian_product(tmp_path):
     assert expand(parse_grid([], str(grid_file))) == [{"train.seed": 0}, {"train.seed": 1}]
 
 
+def test_a_null_grid_value_reaches_the_config_as_null():
+    from eaglecache.config import load_config, with_overrides
+    from eaglecache.train.ablate import override_strings
+
+    (default, alpha) = expand(parse_grid(["train.lk_loss=[null,alpha]"], None))
+    assert override_strings(default) == ["train.lk_loss=null"] and variant_name(default) == "lk_loss-null"
+    assert with_overrides(load_config(None), override_strings(default)).train.lk_loss is None
+    assert with_overrides(load_config(None), override_strings(alpha)).train.lk_loss == "alpha"
+
+
 @pytest.mark.parametrize("grid, message", [
     (["precompute.codec=[zstd,none]"], "only train.* keys"),
     (["train.lr=1e-4"], "non-empty list"),

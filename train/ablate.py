@@ -71,7 +71,8 @@ def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def _format_value(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+    # null as null: str(None) would reach the config as the string "None"
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) or value is None else str(value)
 
 
 def variant_name(overrides: dict[str, Any]) -> str:
