@@ -6,6 +6,7 @@
 # starts what is not running. Needs root (it is meant for CI machines and containers).
 #   bash scripts/slurm.sh          # install if needed, start, wait until the node is idle
 #   bash scripts/slurm.sh stop     # stop the three daemons
+#   bash scripts/slurm.sh munge    # install if needed and start munged only (scripts/cluster.sh)
 # Exit codes: 0 ready; 3 the packages are missing and apt cannot fetch them (no registry reachable,
 # or no apt at all); 1 anything else.
 set -euo pipefail
@@ -124,6 +125,7 @@ stop_all() {
 
 case "${1:-start}" in
   start) install_packages; write_conf; start_munge; start_slurm ;;
+  munge) install_packages; start_munge ;;  # for scripts/cluster.sh's Slurm: the packages and munged only
   stop) stop_all ;;
-  *) die "usage: bash scripts/slurm.sh [start|stop]" 2 ;;
+  *) die "usage: bash scripts/slurm.sh [start|munge|stop]" 2 ;;
 esac
