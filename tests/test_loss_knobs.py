@@ -195,3 +195,31 @@ def test_each_knob_enters_the_fingerprint_only_when_set_off_its_default():
         "train.loss_mask_alignment=predicted"]).train, torch.device("cpu"))
     assert (settings.lk_loss, settings.lk_eta, settings.hidden_noise, settings.loss_mask_alignment) == (
         "lambda", 2.5, 0.1, "predicted")
+
+
+def test_dflash_takes_the_same_knobs():
+    """DFlash's loss goes through the same step weights, LM-head loss and aux noise: with the mask shifted by
+    two, the predicted alignment is the anchor one; an LK loss changes the loss, not the logged statistics;
+    the noise acts in training only."""
+    import test_dflash
+    from eaglecache.train.loader import shift_sample_tensors
+
+    draft = test_dflash.make_draft(num_layers=1)
+    ids, mask, aux, final = test_dflash.make_batch(length=10)
+    mask[:, -1] = 0
+
+    def run(raw, **knobs):
+        draft.settings = TTTSettings(ttt_length=3, ttt_decay=0.8, loss_chunk_tokens=4, **knobs)
+        with torch.no_grad():
+            return draft(*shift_sample_tensors(*raw))
+
+    plain_loss, plain_stats = run((ids, mask, aux, final))
+    loss, stats = run((ids, mask, aux, final), loss_mask_alignment="predicted")
+    ref_loss, ref_stats = run((ids, shift_left(mask, 2), aux, final))
+    assert torch.allclose(loss, ref_loss, rtol=1e-12) and torch.equal(stats[:, 1:5], ref_stats[:, 1:5])
+    lk_loss, lk_stats = run((ids, mask, aux, final), lk_loss="alpha")
+    assert not torch.allclose(lk_loss, plain_loss) and torch.allclose(lk_stats, plain_stats, rtol=1e-12)
+    draft.eval()
+    assert torch.equal(run((ids, mask, aux, final), hidden_noise=0.5)[0], plain_loss)
+    draft.train()
+    assert not torch.allclose(run((ids, mask, aux, final), hidden_noise=0.5)[0], plain_loss)
