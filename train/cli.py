@@ -1,4 +1,5 @@
-"""``eaglecache train``: launches the DeepSpeed trainer over the feature cache."""
+"""``eaglecache train`` (launches the DeepSpeed trainer over the feature cache), ``ablate``, and train's part of
+``eaglecache plan``: the training memory per GPU (train/memory.py), printed after precompute's storage plan."""
 
 from eaglecache import outputs
 from eaglecache.cli import add_command
@@ -19,7 +20,46 @@ def _ablate(config, args):
                       bench_prompts=args.bench)
 
 
+def _plan_memory(config, args) -> None:
+    from eaglecache.errors import UserError
+    from eaglecache.target import resolve_target, target_config
+    from eaglecache.train.memory import memory_inputs, memory_table
+
+    try:
+        target = target_config(resolve_target(config))
+    except UserError as exc:  # the storage plan needs sizes only; the memory one needs the whole text config
+        print(f"\ntraining memory per GPU: not computed ({exc}; set target.path to a directory with its config.json)")
+        return
+    launcher = config.train.launcher
+    ranks = args.gpus or launcher.num_gpus * launcher.num_nodes
+    m = memory_inputs(config, target, ranks)
+    print("\n".join(memory_table(m, args.seq_length or config.train_max_seq_length, args.gpu_memory_gib)))
+
+
+def _extend_plan(subparsers) -> None:
+    """``plan`` is precompute's command (registered before this stage's); train adds its flags and prints the
+    memory table after the storage plan, so neither stage imports the other."""
+    if "plan" not in subparsers.choices:
+        raise RuntimeError("eaglecache/cli.py registers precompute's commands before train's")
+    p = subparsers.choices["plan"]
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="Ranks ZeRO-3 shards the draft over (default: train.launcher.num_gpus x num_nodes).")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, metavar="G", help="Memory of one GPU, GiB.")
+    p.add_argument("--seq-length", type=int, default=None, metavar="T",
+                   help="Tokens per micro-batch sequence (default: train.max_seq_length, else data's).")
+    storage = p.get_default("handler")
+
+    def plan(config, args):
+        status = storage(config, args)
+        if not status:
+            _plan_memory(config, args)
+        return status
+
+    p.set_defaults(handler=plan)
+
+
 def register(subparsers) -> None:
+    _extend_plan(subparsers)
     p = add_command(subparsers, "train", _train,
                     "Train the EAGLE3 draft with DeepSpeed ZeRO-3 and TTT from a feature cache "
                     "(starts the `deepspeed` launcher with train.launcher settings).")
