@@ -156,12 +156,13 @@ def loss_window_bytes(m: MemoryInputs, tokens: int) -> tuple[int, str]:
 
 
 def backward_window_bytes(m: MemoryInputs, tokens: int) -> tuple[int, str]:
-    """Backward on top of what is kept: the loss gradient scaled by the loss's (a new K x H tensor), one step
-    recomputed (its saves) and the gradients inside it (the MLP's three I-wide ones and the two norms' fp32
-    ones, 8 H). Without checkpointing the saves are already kept."""
+    """Backward on top of what is kept: one step recomputed (its saves) and the gradients inside it (the MLP's
+    three I-wide ones and the two norms' fp32 ones, 8 H). The loss gradient scaled by the loss's replaces
+    the saved one before any step runs, so it is in the kept row once. Without checkpointing the saves are
+    already kept."""
     e = m.dtype_bytes
     recompute = step_saved_bytes_per_token(m) if m.checkpointing else 0
-    per_token = m.ttt * m.hidden * e + recompute + m.num_layers * (3 * m.intermediate * e + 8 * m.hidden)
+    per_token = recompute + m.num_layers * (3 * m.intermediate * e + 8 * m.hidden)
     return tokens * m.micro_batch * per_token, f"T x B x {per_token:,} B"
 
 
