@@ -32,7 +32,9 @@ netns() { echo "ec-$1"; }
 alive() {  # alive NODE COMM: a process named COMM runs in NODE's namespace
   local pid
   for pid in $(ip netns pids "$(netns "$1")" 2>/dev/null); do
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && return 0
+    # a killed daemon stays listed until it is reaped: a zombie is not alive
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" &&
+      return 0
   done
   return 1
 }
@@ -198,8 +200,11 @@ start_slurm() {
 kill_node() {  # every process of the host: its daemons and whatever runs there
   local node=$1 pid
   [[ " ${NODES[*]} " == *" $node "* ]] || die "no node $node (the nodes are ${NODES[*]})" 2
-  for _ in 1 2 3; do  # a dying process may have forked: sweep until the namespace is empty
-    for pid in $(ip netns pids "$(netns "$node")" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  for _ in $(seq 50); do  # a dying process may have forked: sweep until the namespace is empty
+    local pids
+    pids=$(ip netns pids "$(netns "$node")" 2>/dev/null || true)
+    [ -n "$pids" ] || return 0
+    for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
     sleep 0.2
   done
 }

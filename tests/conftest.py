@@ -183,3 +183,20 @@ def reference_rope(x, position, theta):
     cos = torch.cat([angle.cos(), angle.cos()]).to(x.dtype)
     sin = torch.cat([angle.sin(), angle.sin()]).to(x.dtype)
     return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny_target, tiny_cache, tmp_path_factory):
+    """test_slurm's TRAIN through `eaglecache train` on 2 CPU ranks of this machine, one thread each: the run
+    that the Slurm job scripts and the two-node launches (tests/test_cluster.py) must equal."""
+    import subprocess
+    import sys
+
+    from test_slurm import TRAIN
+
+    out = tmp_path_factory.mktemp("two-rank-run") / "run"
+    result = subprocess.run([sys.executable, "-m", "eaglecache.cli", "train", "--cache", str(tiny_cache), "--output",
+                             str(out), f"target.path={tiny_target}", "train.launcher.num_gpus=2", *TRAIN],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -120,42 +120,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_precompute_array_killed_and_requeued_equals_one_job(slurm, tiny_target, tiny_dataset, tiny_cache, tmp_path):
-    """2 array tasks at once; task 1 SIGKILLed between two commits and requeued; the cache equals one job's."""
-    cache = tmp_path / "cache"
-    env = job_env(DATA=tiny_dataset, CACHE=cache, NUM_PARTS=2)
-    # the script asks for 4 GPUs, 32 cores and 400 GB per task: sbatch's options replace its #SBATCH lines
-    job = sbatch(JOBS / "precompute.sbatch", ["--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1", "--mem=4G",
-                                              "--time=20"],
-                 [f"target.path={tiny_target}", *SHARDS], env, tmp_path)
-    wait_for(lambda: part_record(cache, 1, 2)["shards"] or state(job, "1") in FINISHED,
-             "task 1 to commit a shard", 600, tmp_path)
-    assert state(job, "1") == "RUNNING", f"task 1 is {state(job, '1')}\n{job_logs(tmp_path)}"
-    kill_and_requeue(job, "1", tmp_path)
-    record = part_record(cache, 1, 2)
-    assert record["shards"] and not record["complete"], "task 1 was not killed between two commits"
-    committed = [s["name"] for s in record["shards"]]
-    before = shard_stats(cache, 1, 2, committed)
-
-    wait_for(lambda: all(t["JobState"] in FINISHED for t in tasks(job).values()), "the array to finish", 600,
-             tmp_path)
-    final = tasks(job)
-    assert {t: f["JobState"] for t, f in final.items()} == {"0": "COMPLETED", "1": "COMPLETED"}, job_logs(tmp_path)
-    assert (final["0"]["Restarts"], final["1"]["Restarts"]) == ("0", "1")
-    # each task's log is in the submit directory (the old --output=logs/... needed a directory nobody made)
-    assert {p.name for p in tmp_path.glob("*.out")} == {f"eaglecache-precompute-{job}_{t}.out" for t in "01"}
-    # the requeued task resumed: every shard committed before the kill is the same file, never rewritten
-    assert shard_stats(cache, 1, 2, committed) == before
-    done = sum(s["num_samples"] for s in record["shards"])
-    assert f"{done} already committed)" in (tmp_path / f"eaglecache-precompute-{job}_1.out").read_text()
-    verify = subprocess.run([sys.executable, "-m", "eaglecache.cli", "cache", "verify", str(cache)],
-                            capture_output=True, text=True, timeout=300)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert open_cache(cache).metadata["num_parts"] == 2
-    assert compare(open_cache(tiny_cache), open_cache(cache))
-
-
-def test_train_job_killed_and_requeued_equals_eaglecache_train(slurm, tiny_target, tiny_cache, tmp_path):
+def test_train_job_killed_and_requeued_equals_eaglecache_train(slurm, tiny_target, tiny_cache, two_rank_run, tmp_path):
     """train.sbatch (srun + torchrun, 2 CPU ranks) killed after a checkpoint and requeued ends with the
     weights and losses of an uninterrupted `eaglecache train` (DeepSpeed's launcher) run."""
     run = tmp_path / "run"
@@ -169,13 +134,7 @@ def test_train_job_killed_and_requeued_equals_eaglecache_train(slurm, tiny_targe
     killed_at = committed_steps(run)
     assert killed_at and not (run / "final").exists()
 
-    # meanwhile, the reference: the same run through `eaglecache train` on this machine, outside Slurm
-    reference = tmp_path / "reference"
-    plain = subprocess.run([sys.executable, "-m", "eaglecache.cli", "train", "--cache", str(tiny_cache), "--output",
-                            str(reference), f"target.path={tiny_target}", "train.launcher.num_gpus=2", *TRAIN],
-                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert plain.returncode == 0, plain.stderr[-3000:]
-
+    reference = two_rank_run  # the same run through `eaglecache train` on this machine, outside Slurm
     wait_for(lambda: state(job) in FINISHED, "the requeued job to finish", 600, tmp_path)
     fields = tasks(job)[""]
     log = (tmp_path / f"eaglecache-train-{job}.out").read_text()

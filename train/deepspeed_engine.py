@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
+from eaglecache.train.config import LauncherConfig
 
 
 def accumulation_steps(train, world_size: int) -> int:
@@ -80,9 +81,11 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], run_dir: Pa
     return engine
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; gloo on CPU, nccl on CUDA (device set first)."""
+def init_distributed(collective_timeout_s: Optional[int] = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; gloo on CPU, nccl on CUDA (device set first). A collective
+    that waits longer than ``collective_timeout_s`` raises (train/peer_loss.py names the node that went away)."""
     import os
+    from datetime import timedelta
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -90,6 +93,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     on_cuda = get_accelerator().device_name() == "cuda"
     if on_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    if collective_timeout_s is None:
+        collective_timeout_s = LauncherConfig().collective_timeout_s
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", timeout=timedelta(seconds=collective_timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return rank, world, torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")

@@ -24,6 +24,7 @@ import yaml
 
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
+from eaglecache.train import peer_loss
 from eaglecache.train.signals import run_launcher
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def launcher_command(config, run_dir: Path, port: int, *, cache: Optional[str] =
            "--master_port", str(port)]
     if lc.hostfile:
         cmd += ["--hostfile", lc.hostfile, "--num_nodes", str(lc.num_nodes)]
-    cmd += ["--module", "eaglecache.train.main", "--run-dir", str(run_dir)]
+    cmd += ["--module", "eaglecache.train.main", "--run-dir", str(run_dir), "--under-launcher"]
     for flag, value in (("--cache", cache), ("--data", data), ("--vocab", vocab)):
         if value:
             cmd += [flag, value if is_url(value) else str(Path(value).resolve())]  # s3://... stays a URL
@@ -157,18 +158,26 @@ def run_train(config, *, output: str | Path, cache: Optional[str] = None, data: 
     cmd = launcher_command(config, run_dir, port, cache=cache, data=data, vocab=vocab)
     log.info("starting: %s", " ".join(cmd))
     env = launcher_env(config)
+    peer_loss.clear(run_dir)
     try:
-        rc, received = run_launcher(cmd, env)
+        rc, received = run_launcher(cmd, env, failed=lambda: peer_loss.recorded(run_dir) is not None)
     finally:
         if env.get("DS_ACCELERATOR") == "cpu":
             remove_cpu_allreduce_buffers(port)
-    status = exit_status(rc)
+    multi_node = config.train.launcher.num_nodes > 1
+    # pdsh's status is a remote command's or ssh's own 255, never a signal's
+    status = rc if multi_node and rc > 0 else exit_status(rc)
     if received is not None:
         # on a line of its own: the ranks were stopped mid progress bar
         print(f"\nerror: stopped by {signal_name(received)}; run the same command again to resume from the last "
               f"checkpoint in {run_dir / run_format.CHECKPOINTS}", file=sys.stderr)
         return 128 + received
-    if status != 0:
+    lost = peer_loss.recorded(run_dir) if status != 0 else None
+    if lost:
+        print(f"error: {lost}; run the same command again once the nodes are back (or with a hostfile of healthy "
+              f"ones) to resume from the last checkpoint in {run_dir / run_format.CHECKPOINTS}", file=sys.stderr)
+        return peer_loss.PEER_LOST_EXIT
+    elif status != 0:
         killed = f"a process was killed by {signal_name(status - 128)}; " if status != rc else ""
         print(f"error: training exited with status {status} ({killed}the rank logs above say why); "
               f"run the same command again to resume from the last checkpoint in {run_dir / run_format.CHECKPOINTS}",

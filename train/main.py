@@ -24,7 +24,9 @@ import torch
 from eaglecache.dtypes import TORCH_DTYPES, resolve_dtype
 from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
+from eaglecache.train import peer_loss
 from eaglecache.train.config import PARALLEL_FAMILIES
+from eaglecache.train.peer_loss import PEER_LOST_EXIT
 
 log = logging.getLogger("eaglecache.train")
 
@@ -187,6 +189,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="Prepared data set (train.source=online).")
     parser.add_argument("--vocab", default=None, help="Draft vocab mapping (reduced vocab).")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed passes it
+    # started by `eaglecache train`, which prints a lost peer's line (RUN_DIR/failure.txt) as its error line
+    parser.add_argument("--under-launcher", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -201,8 +205,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     run_dir = Path(args.run_dir)
+    hosts: list = []
     try:
-        rank, world_size, device = init_distributed()
+        # the timeout is needed before the ranks meet: read it from the config they will all read
+        settings = load_config(args.config, args.overrides) if args.config else load_config(run_dir / run_format.CONFIG)
+        timeout_s = settings.train.launcher.collective_timeout_s
+        rank, world_size, device = init_distributed(timeout_s)
+        hosts = peer_loss.gather_hosts()
+        if rank == 0 and not args.under_launcher:
+            peer_loss.clear(run_dir)  # `eaglecache train` clears it before it starts the ranks
         if args.config:  # started under `deepspeed`/`torchrun` directly: resolve the config here
             from eaglecache.train.launch import resolve_config, write_run_config
 
@@ -219,6 +230,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RuntimeError as exc:  # torch.distributed's errors (DistBackendError...) are RuntimeErrors
+        line = peer_loss.describe(exc, hosts, timeout_s) if hosts else None
+        if line is None:
+            raise
+        peer_loss.record(run_dir, line)
+        if not args.under_launcher:  # torchrun, srun: no launcher of ours to print it
+            print(f"error: {line}; start the job again (Slurm: scontrol requeue) to resume from the last checkpoint "
+                  f"in {run_dir / run_format.CHECKPOINTS}", file=sys.stderr)
+        # the process group is broken: tearing it down would wait on the peer that is gone
+        exit_without_teardown(PEER_LOST_EXIT)
     # Only on success: after a failure other ranks may still be inside a collective, and destroying the
     # group would hang (torchtitan #1342).
     torch.distributed.destroy_process_group()

@@ -22,9 +22,12 @@ import os
 import signal
 import subprocess
 import threading
-from typing import Iterator, Optional
+import time
+from typing import Callable, Iterator, Optional
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# how long a launcher may still run once a rank reported the run lost, before it is stopped
+ABANDON_AFTER_S = 30
 
 
 class _Forwarder:
@@ -71,9 +74,11 @@ def forwarding_signals() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-def run_launcher(cmd: list[str], env: dict[str, str]) -> tuple[int, Optional[int]]:
+def run_launcher(cmd: list[str], env: dict[str, str],
+                 failed: Optional[Callable[[], bool]] = None) -> tuple[int, Optional[int]]:
     """Run a launcher to its end, stop signals forwarded to its process group (module docstring).
-    Returns (its return code, the first signal this process received meanwhile, or None)."""
+    Returns (its return code, the first signal this process received meanwhile, or None). ``failed``: see
+    ``_wait``."""
     with forwarding_signals() as received:
         forwarding = _FORWARDER.active
         proc = subprocess.Popen(cmd, env=env, start_new_session=forwarding)
@@ -83,8 +88,33 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> tuple[int, Optional[int
             if received:  # a stop came while it started (or before): it is for this launcher too
                 _kill_group(proc.pid, received[-1])
         try:
-            rc = proc.wait()
+            rc = _wait(proc, failed, own_group=forwarding)
         finally:
             with _FORWARDER.lock:
                 _FORWARDER.groups.discard(proc.pid)
         return rc, (received[0] if received else None)
+
+
+def _wait(proc: subprocess.Popen, failed: Optional[Callable[[], bool]], own_group: bool) -> int:
+    """``proc``'s return code. Once ``failed()`` has said for ABANDON_AFTER_S that the run is over (a rank
+    reported a lost node) and the launcher still waits, it is stopped: pdsh waits on the ssh session of a
+    node that hangs (or lost power) for as long as TCP lets it. SIGTERM first (DeepSpeed's runner then
+    pkills the ranks on every node it reaches), SIGKILL ABANDON_AFTER_S later."""
+    if failed is None:
+        return proc.wait()
+    failed_at = stopped_at = None
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if failed_at is None:
+            failed_at = now if failed() else None
+        elif now - failed_at > ABANDON_AFTER_S and (stopped_at is None or now - stopped_at > ABANDON_AFTER_S):
+            signum = signal.SIGTERM if stopped_at is None else signal.SIGKILL
+            if own_group:
+                _kill_group(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+            stopped_at = now

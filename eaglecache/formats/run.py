@@ -9,6 +9,7 @@ A run directory, written by ``eaglecache train`` and read by resume, export and 
     metrics.jsonl        one JSON record per log, with its "step"; tb/ the same as TensorBoard events
     checkpoints/step-XXXXXXX/   DeepSpeed's checkpoint; it counts once its COMMIT file exists
     final/model.safetensors, final/draft.json   the trained draft (eaglecache/formats/draft.py)
+    failure.txt          while a run that lost a node is stopped: the one line saying which (train/peer_loss.py)
 
 This module owns the names, the run.json document and its validation (a directory of
 another format or version is refused in one line), the listing of committed checkpoints
@@ -38,8 +39,9 @@ COMMIT = "COMMIT"
 FINAL = "final"
 FINAL_WEIGHTS = "model.safetensors"
 FINAL_ARCH = "draft.json"
+FAILURE = "failure.txt"
 # What train writes at a run directory's top level (ablate adds its variant.json next to them).
-ENTRIES = frozenset({CONFIG, RUN_JSON, DEEPSPEED_JSON, METRICS, TENSORBOARD, CHECKPOINTS, FINAL})
+ENTRIES = frozenset({CONFIG, RUN_JSON, DEEPSPEED_JSON, METRICS, TENSORBOARD, CHECKPOINTS, FINAL, FAILURE})
 # run.json keys a resume must find unchanged once a checkpoint is committed
 RESUME_KEYS = ("source", "config_hash", "total_steps")
 
