@@ -57,6 +57,8 @@ def cluster():
         os.environ.pop("SLURM_CONF")
     else:
         os.environ["SLURM_CONF"] = saved
+    down = cluster_sh("down")  # this machine as it was: no namespaces, /etc/hosts and ssh_config.d restored
+    assert down.returncode == 0, down.stderr
 
 
 def processes_on(node: str) -> list[str]:

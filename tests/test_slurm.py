@@ -4,7 +4,8 @@ sbatch runs a copy of a job script from slurmd's spool directory, with the submi
 environment: these tests submit configs/minimax_m3/*.sbatch as a user would (the tiny config, the
 resources scaled down on sbatch's command line), kill a running job with SIGKILL, requeue it with
 `scontrol requeue`, and check that what the requeued job finishes equals an uninterrupted run and that
-it resumed instead of starting over.
+it resumed instead of starting over. The precompute array runs on two nodes, in tests/test_cluster.py, which
+uses the helpers here.
 """
 
 import json
@@ -12,13 +13,11 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_faults_precompute import compare
 from test_train_equivalence import TINY_RUN, fp32_weights, losses
 from eaglecache.formats.cache import PART_FILE, part_dir
 from eaglecache.formats.cache_reader import open_cache
