@@ -107,7 +107,8 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="Training precision; auto: bfloat16 on CUDA and on CPUs with AMX, float32 elsewhere (faster there, even with AVX512_BF16).")
+        "auto", description="Training precision; auto: bfloat16 on CUDA; on a CPU with native bf16 the faster of the two "
+        "in a short matmul probe (cached per CPU model; eaglecache/dtypes.py), float32 on other CPUs.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
     global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step, over all ranks.")
     micro_batch_size: int = Field(1, ge=1, description="Sequences per rank per forward.")
