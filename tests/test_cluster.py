@@ -181,7 +181,7 @@ def test_a_hung_node_times_out_and_its_checkpoint_resumes_on_one_node(cluster, t
     print(f"`eaglecache train` returned {elapsed:.1f} s after n2 hung")
     assert proc.returncode == PEER_LOST_EXIT, log[-3000:]
     # the timeout, then ABANDON_AFTER_S for the launcher, then its pdsh kill on the hung node (ssh's timeouts)
-    assert elapsed < TIMEOUT_S + 100, elapsed
+    assert elapsed < TIMEOUT_S + 60, elapsed  # 31 s here
     assert [line.split(";")[0] for line in error_lines(log)] == [
         f"error: a collective timed out after train.launcher.collective_timeout_s={TIMEOUT_S} s: a rank stopped "
         "answering, a node lost or hung (the nodes: n1 (rank 0), n2 (rank 1))"], log[-3000:]

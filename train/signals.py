@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # how long a launcher may still run once a rank reported the run lost, before it is stopped
-ABANDON_AFTER_S = 30
+ABANDON_AFTER_S = 10
 
 
 class _Forwarder:
