@@ -137,31 +137,15 @@ ClusterName=eaglecache-pair
 SlurmctldHost=ec-head($NET.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=cred_expire=10
-MailProg=/bin/true
+$(bash "$HERE/slurm.sh" settings)
 StateSaveLocation=$STATE/slurmctld
 SlurmdSpoolDir=$STATE/%n/spool
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/%n/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=1024
-ReturnToService=2
-MinJobAge=3600
 # a node whose slurmd is gone is declared down after this long (the node-loss test waits for it)
 SlurmdTimeout=10
-KillWait=5
 NodeName=n1 NodeAddr=$(address n1) $hw State=UNKNOWN
 NodeName=n2 NodeAddr=$(address n2) $hw State=UNKNOWN
 PartitionName=pair Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP

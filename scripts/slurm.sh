@@ -35,31 +35,14 @@ install_packages() {
     die "apt-get install slurm-wlm munge failed"
 }
 
-write_conf() {
-  if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
-    die "$CONF exists and was not written by this script: this machine already has a Slurm setup; not touching it"
-  fi
-  local node
-  # NodeName CPUs Boards SocketsPerBoard CoresPerSocket ThreadsPerCore RealMemory, as slurmd sees them
-  # (a node declared larger than it is gets drained)
-  node=$(slurmd -C | head -n1)
-  local host=${node#NodeName=}; host=${host%% *}
-  mkdir -p "$(dirname "$CONF")"
-  cat > "$CONF.tmp" <<EOF
-$MARK
-ClusterName=eaglecache
-SlurmctldHost=$host
+shared_settings() {  # the settings of both test Slurms (this one and scripts/cluster.sh's two-node one)
+  cat <<'EOF'
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # a requeued job may start again cred_expire+1 s after its requeue (default 120 s)
 AuthInfo=cred_expire=10
-StateSaveLocation=$STATE
-SlurmdSpoolDir=$SPOOL
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmctldLogFile=$LOGS/slurmctld.log
-SlurmdLogFile=$LOGS/slurmd.log
+MailProg=/bin/true
 # no cgroups in containers: track a job's processes through /proc (parent links), bind nothing
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -76,8 +59,32 @@ DefMemPerCPU=1024
 ReturnToService=2
 # finished jobs stay visible to scontrol for an hour (there is no accounting database)
 MinJobAge=3600
-SlurmdTimeout=60
 KillWait=5
+EOF
+}
+
+write_conf() {
+  if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
+    die "$CONF exists and was not written by this script: this machine already has a Slurm setup; not touching it"
+  fi
+  local node
+  # NodeName CPUs Boards SocketsPerBoard CoresPerSocket ThreadsPerCore RealMemory, as slurmd sees them
+  # (a node declared larger than it is gets drained)
+  node=$(slurmd -C | head -n1)
+  local host=${node#NodeName=}; host=${host%% *}
+  mkdir -p "$(dirname "$CONF")"
+  cat > "$CONF.tmp" <<EOF
+$MARK
+ClusterName=eaglecache
+SlurmctldHost=$host
+$(shared_settings)
+StateSaveLocation=$STATE
+SlurmdSpoolDir=$SPOOL
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=$LOGS/slurmctld.log
+SlurmdLogFile=$LOGS/slurmd.log
+SlurmdTimeout=60
 $node State=UNKNOWN
 PartitionName=main Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -126,6 +133,7 @@ stop_all() {
 case "${1:-start}" in
   start) install_packages; write_conf; start_munge; start_slurm ;;
   munge) install_packages; start_munge ;;  # for scripts/cluster.sh's Slurm: the packages and munged only
+  settings) shared_settings ;;  # for scripts/cluster.sh's slurm.conf
   stop) stop_all ;;
-  *) die "usage: bash scripts/slurm.sh [start|munge|stop]" 2 ;;
+  *) die "usage: bash scripts/slurm.sh [start|munge|settings|stop]" 2 ;;
 esac
