@@ -26,48 +26,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from synthetic import free_port, make_target_and_cache  # benchmarks/ is on sys.path: scripts run from it
+
 MARKER_ELEMENTS = 1_234_567  # int8: an allocation size nothing in the step makes
-
-
-def make_inputs(root: Path, args, seq: int) -> tuple[Path, Path]:
-    """A random bf16 target head (config.json + embedding, norm, LM head) and a cache of 2 samples of ``seq``."""
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
-    from eaglecache.precompute.writer import PartWriter, create_or_check_cache
-    from eaglecache.target import weights_hash
-
-    h, v = args.hidden, args.vocab
-    target = root / "target"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": args.intermediate,
-        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "head_dim": h // args.heads,
-        "num_hidden_layers": 16, "vocab_size": v, "rms_norm_eps": 1e-5, "max_position_embeddings": 2 * seq + 64,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False}))
-    gen = torch.Generator().manual_seed(0)
-    rand = lambda *shape: (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)  # noqa: E731
-    save_file({"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-               "lm_head.weight": rand(v, h)}, str(target / "model.safetensors"))
-    meta = {"aux_layer_ids": [2, 8, 13], "final_layer_id": 16, "final_prenorm": True, "hidden_size": h,
-            "vocab_size": v, "target_weights_hash": weights_hash(target), "dtype": "bfloat16", "codec": "zstd",
-            "codec_level": 1, "chunk_tokens": 256, "shard_tokens": 4 * seq, "num_parts": 1}
-    cache = root / "cache"
-    create_or_check_cache(cache, meta)
-    writer = PartWriter(cache, 0, 1, meta)
-    for sid in range(2):
-        writer.add(sid, torch.randint(0, v, (seq,), generator=gen).numpy().astype(np.int32),
-                   np.ones(seq, np.uint8), torch.randn(seq, 3, h, generator=gen).to(torch.bfloat16),
-                   torch.randn(seq, h, generator=gen).to(torch.bfloat16))
-    writer.close()
-    return target, cache
 
 
 def child(args) -> dict:
@@ -88,7 +54,9 @@ def child(args) -> dict:
     from eaglecache.train.main import train
 
     seq, work = args.seq[0], Path(args.workdir)
-    target, cache = make_inputs(work, args, seq)
+    target, cache = make_target_and_cache(work, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
+                                          kv_heads=args.kv_heads, vocab=args.vocab, seq=seq, num_samples=2,
+                                          chunk_tokens=256, head_dtype="bfloat16", max_positions=2 * seq + 64)
     rank, world, device = init_distributed()
     config = load_config(None, [
         f"target.path={target}", "train.dtype=bfloat16", "train.global_batch_size=1", "train.micro_batch_size=1",
@@ -126,12 +94,6 @@ def child(args) -> dict:
             "model_static": sum(r.nbytes for r in rows[:4]), "params": m.params}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[1024, 4096], help="sequence lengths, one run each")
@@ -157,7 +119,7 @@ def main() -> None:
     results = []
     for seq in args.seq:
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-            cmd = [sys.executable, __file__, "--child", "--workdir", tmp, "--port", str(_free_port()),
+            cmd = [sys.executable, __file__, "--child", "--workdir", tmp, "--port", str(free_port()),
                    "--seq", str(seq)] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                                          ("hidden", "intermediate", "heads", "kv_heads", "vocab", "ttt",
                                           "loss_chunk_tokens")]

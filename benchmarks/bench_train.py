@@ -32,12 +32,13 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from synthetic import free_port, make_target_and_cache  # benchmarks/ is on sys.path: scripts run from it
 
 DIMS = dict(hidden=1024, intermediate=2816, heads=8, kv_heads=2, vocab=8192, seq=2048, ttt=7, batch=1)
 
@@ -75,41 +76,6 @@ def matmul_peak(dtype, shapes=PEAK_SHAPES, reps: int = 8) -> tuple[float, float]
             best_wall = max(best_wall, 2 * m * k * n / (time.perf_counter() - wall))
             best_cpu = max(best_cpu, 2 * m * k * n / max(time.process_time() - cpu, 1e-9))
     return best_wall, best_cpu
-
-
-def make_inputs(root: Path, num_samples: int) -> tuple[Path, Path]:
-    """A random target head (config.json + the three tensors) and a Zarr cache of random features."""
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
-    from eaglecache.precompute.writer import PartWriter, create_or_check_cache
-    from eaglecache.target import weights_hash
-
-    h, v, seq = DIMS["hidden"], DIMS["vocab"], DIMS["seq"]
-    target = root / "target"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": DIMS["intermediate"],
-        "num_attention_heads": DIMS["heads"], "num_key_value_heads": DIMS["kv_heads"], "head_dim": h // DIMS["heads"],
-        "num_hidden_layers": 16, "vocab_size": v, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False}))
-    gen = torch.Generator().manual_seed(0)
-    save_file({"model.embed_tokens.weight": torch.randn(v, h, generator=gen) * 0.02,
-               "model.norm.weight": torch.ones(h), "lm_head.weight": torch.randn(v, h, generator=gen) * 0.02},
-              str(target / "model.safetensors"))
-    meta = {"aux_layer_ids": [2, 8, 13], "final_layer_id": 16, "final_prenorm": True, "hidden_size": h,
-            "vocab_size": v, "target_weights_hash": weights_hash(target), "dtype": "bfloat16", "codec": "zstd",
-            "codec_level": 1, "chunk_tokens": 1024, "shard_tokens": 4 * seq, "num_parts": 1}
-    cache = root / "cache"
-    create_or_check_cache(cache, meta)
-    writer = PartWriter(cache, 0, 1, meta)
-    for sid in range(num_samples):
-        writer.add(sid, torch.randint(0, v, (seq,), generator=gen).numpy().astype(np.int32),
-                   np.ones(seq, np.uint8), torch.randn(seq, 3, h, generator=gen).to(torch.bfloat16),
-                   torch.randn(seq, h, generator=gen).to(torch.bfloat16))
-    writer.close()
-    return target, cache
 
 
 def child(args) -> dict:
@@ -165,12 +131,6 @@ def child(args) -> dict:
             "cpu_mfu": flops * len(records) / cpu_s / max(peak_before[1], peak_after[1])}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peer_tokens_per_s(args) -> dict:
     """dtype -> (tokens/s, model) of the faster installed peer, measured now in a child process ({} if none)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -214,11 +174,13 @@ def main() -> None:
     print(f"dims {DIMS}; model FLOPs per step {flops / 1e9:.0f} GFLOP (frozen LM head); "
           f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        make_inputs(Path(tmp), num_samples=args.steps + 1)
+        make_target_and_cache(Path(tmp), hidden=DIMS["hidden"], intermediate=DIMS["intermediate"], heads=DIMS["heads"],
+                              kv_heads=DIMS["kv_heads"], vocab=DIMS["vocab"], seq=DIMS["seq"],
+                              num_samples=args.steps + 1, chunk_tokens=1024)
         peers = _peer_tokens_per_s(args)
         for dtype in args.dtype:
             cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--steps", str(args.steps),
-                   "--workdir", tmp, "--port", str(_free_port()), "--loss-chunk-tokens", str(args.loss_chunk_tokens),
+                   "--workdir", tmp, "--port", str(free_port()), "--loss-chunk-tokens", str(args.loss_chunk_tokens),
                    "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
