@@ -86,6 +86,9 @@ def error_lines(text: str) -> list[str]:
 def assert_same_weights(run: Path, reference: Path, tolerance: float = 0.0) -> None:
     mine, theirs = fp32_weights(run), fp32_weights(reference)
     assert set(mine) == set(theirs)
+    worst = max((mine[name] - theirs[name]).abs().max().item() for name in theirs)
+    loss_delta = max(abs(a - b) for a, b in zip(losses(run), losses(reference)))
+    print(f"{run.name}: max |dweight| {worst:.3g}, max |dloss| {loss_delta:.3g} against the one-node run")
     for name in theirs:
         if tolerance:
             assert (mine[name] - theirs[name]).abs().max().item() <= tolerance, name
