@@ -226,7 +226,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise UserError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(tree, dict):
         raise UserError(f"config file {path}: top level must be a mapping of sections")
-    return _validate(tree, overrides, str(path))
+    return _validate(_legacy_run_defaults(tree, path), overrides, str(path))
+
+
+# What a run's config.yaml of an earlier release meant by a setting it did not have yet: that release's
+# behaviour, which the setting's default no longer is. Only for a run directory's own config (its run.json
+# beside it): a config a user writes gets today's defaults.
+LEGACY_RUN_DEFAULTS = {("train", "loss_mask_alignment"): "anchor"}
+
+
+def _legacy_run_defaults(tree: dict, path: Path) -> dict:
+    from eaglecache.formats import run as run_format
+
+    if path.name != run_format.CONFIG or not (path.parent / run_format.RUN_JSON).is_file():
+        return tree
+    for (section, key), value in LEGACY_RUN_DEFAULTS.items():
+        if isinstance(tree.get(section), dict) and key not in tree[section]:
+            tree[section][key] = value
+    return tree
 
 
 def with_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:

@@ -178,23 +178,48 @@ def test_predicted_alignment_weights_each_step_by_the_mask_of_the_token_it_predi
     assert not torch.allclose(loss, run_implementation(draft, (ids, raw_mask, aux, final), steps, decay, chunk=4)[0])
 
 
-def test_each_knob_enters_the_fingerprint_only_when_set_off_its_default():
+def test_each_knob_enters_the_fingerprint_only_when_set_off_what_earlier_releases_did():
+    """Runs made before the knobs keep their fingerprints (they trained with no LK loss, no noise and the anchor
+    alignment); today's default alignment (predicted) and every other setting get fingerprints of their own."""
     from eaglecache.train.checkpoint import run_fingerprint
 
-    base = load_config(None)
-    assert not set(KNOBS) & set(base.train.identity())  # runs made before the knobs keep their fingerprints
+    before = load_config(None, ["train.loss_mask_alignment=anchor"])
+    assert not set(KNOBS) & set(before.train.identity())
     explicit = load_config(None, ["train.lk_loss=null", "train.lk_eta=3.0", "train.hidden_noise=0.0",
                                   "train.loss_mask_alignment=anchor"])
-    assert run_fingerprint(explicit) == run_fingerprint(base)
-    changed = {run_fingerprint(load_config(None, [override])) for override in (
+    assert run_fingerprint(explicit) == run_fingerprint(before)
+    default = load_config(None)
+    assert default.train.loss_mask_alignment == "predicted"
+    assert default.train.identity()["loss_mask_alignment"] == "predicted"
+    changed = {run_fingerprint(load_config(None, ["train.loss_mask_alignment=anchor", override])) for override in (
         "train.lk_loss=alpha", "train.lk_loss=lambda", "train.lk_eta=2.0", "train.hidden_noise=0.05",
         "train.loss_mask_alignment=predicted")}
-    assert len(changed) == 5 and run_fingerprint(base) not in changed
+    assert len(changed) == 5 and run_fingerprint(before) not in changed
+    assert run_fingerprint(default) in changed
     settings = TTTSettings.from_config(load_config(None, [
         "train.lk_loss=lambda", "train.lk_eta=2.5", "train.hidden_noise=0.1",
         "train.loss_mask_alignment=predicted"]).train, torch.device("cpu"))
     assert (settings.lk_loss, settings.lk_eta, settings.hidden_noise, settings.loss_mask_alignment) == (
         "lambda", 2.5, 0.1, "predicted")
+
+
+def test_a_run_of_an_earlier_release_reads_as_the_anchor_alignment_it_trained_with(tmp_path):
+    """Its config.yaml has no loss_mask_alignment: in a run directory (run.json beside it) that means anchor,
+    so its fingerprint is unchanged and a resume continues it as it was trained; elsewhere, today's default."""
+    import yaml
+
+    from eaglecache.train.checkpoint import run_fingerprint
+
+    tree = load_config(None, ["train.loss_mask_alignment=anchor"]).to_dict()
+    del tree["train"]["loss_mask_alignment"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert load_config(run / "config.yaml").train.loss_mask_alignment == "predicted"  # not a run yet
+    (run / "run.json").write_text("{}")
+    old = load_config(run / "config.yaml")
+    assert old.train.loss_mask_alignment == "anchor"
+    assert run_fingerprint(old) == run_fingerprint(load_config(None, ["train.loss_mask_alignment=anchor"]))
 
 
 def test_dflash_takes_the_same_knobs():

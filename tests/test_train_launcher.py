@@ -162,9 +162,14 @@ def test_runtime_only_settings_do_not_refuse_a_resume(tmp_path):
         changed = load_config(None, TINY_RUN + [change])
         assert run_fingerprint(changed) == run_fingerprint(base), change
         write_run_config(changed, run_dir)  # accepted: the same command resumes
-    for change in ("train.lr=1e-3", "target.weights_prefix=x.", "train.ttt_length=2"):
-        with pytest.raises(UserError, match="holds a run with other target/train settings"):
+    started = load_config(run_dir / "config.yaml")
+    for change, named in (("train.lr=1e-3", "train.lr=0.003"), ("target.weights_prefix=x.", "target.weights_prefix="),
+                          ("train.ttt_length=2", "train.ttt_length=3"),
+                          ("train.loss_mask_alignment=anchor", "train.loss_mask_alignment=predicted")):
+        # the refusal names the setting and the value the run was started with
+        with pytest.raises(UserError, match=rf"holds a run with other target/train settings \(it has {named}\)"):
             write_run_config(load_config(None, TINY_RUN + [change]), run_dir)
+    assert load_config(run_dir / "config.yaml") == started  # a refused command changes nothing
 
 
 @pytest.mark.parametrize("source", ["cache", "online"])

@@ -87,12 +87,35 @@ def write_run_config(config, run_dir: Path) -> None:
 
     path = run_dir / run_format.CONFIG
     if path.is_file() and run_format.committed_steps(run_dir):
-        if run_fingerprint(load_config(path)) != run_fingerprint(config):
-            raise UserError(f"{run_dir} holds a run with other target/train settings; "
+        started = load_config(path)
+        if run_fingerprint(started) != run_fingerprint(config):
+            full = started.to_dict()
+            differ = ", ".join(f"{key}={_lookup(full, key)}" for key in setting_differences(
+                started.identity("target", "train", vllm=False), config.identity("target", "train", vllm=False)))
+            raise UserError(f"{run_dir} holds a run with other target/train settings (it has {differ}); "
                             "use a new --output, or the same settings to resume it")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     os.replace(tmp, path)
+
+
+def setting_differences(started: dict, now: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of the identity settings where ``started`` differs from ``now`` (either may lack a key:
+    a setting at the value that leaves it out of the identity)."""
+    out = []
+    for key in sorted(set(started) | set(now)):
+        a, b = started.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += setting_differences(a, b, f"{prefix}{key}.")
+        elif a != b or (key in started) != (key in now):
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def free_port() -> int:
