@@ -142,6 +142,22 @@ def speculators_argv(layout: Path, info: dict, save: Path, target_dir: Path, aux
             *([] if args.peer_max_steps is None else ["--max-steps", str(args.peer_max_steps)])]
 
 
+def packed_batch_tokens(lengths: list[int], steps: int, seed: int) -> int:
+    """The smallest ``--total-seq-len`` with which speculators' own batch sampler (multipack, one rank) makes at
+    most ``steps`` batches of these samples in an epoch: as many optimizer steps as ours, of as many tokens."""
+    from speculators.train.distributed_batch_sampler import MultipackDistributedBatchSamplerV2
+
+    def batches(total: int) -> int:
+        return len(MultipackDistributedBatchSamplerV2(batch_max_length=total, lengths=lengths, num_replicas=1,
+                                                      rank=0, seed=seed))
+
+    low, high = max(lengths), max(lengths) * max(1, len(lengths))
+    while low < high:  # batches() falls as total grows
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if batches(mid) > steps else (low, mid)
+    return low
+
+
 def speculators_child(argv: list[str]) -> int:
     """Run speculators' training entry point in this process, on the CPU (see the module docstring)."""
     import torch
@@ -334,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     info = write_layout(args.cache, layout, ids)
     steps_ours = len(ids) // tc.global_batch_size
     # speculators packs samples into batches of total_seq_len tokens: as many tokens a step as ours on average
-    longest = max(open_cache(args.cache).num_tokens(s) for s in ids)
-    total_seq_len = max(longest, round(info["train_tokens"] / steps_ours))
+    total_seq_len = packed_batch_tokens([open_cache(args.cache).num_tokens(s) for s in ids], steps_ours, args.seed)
     print(f"(1) layout: {len(ids)} samples, {info['train_tokens']:,} tokens ({info['train_loss_tokens']:,} in the loss) "
           f"-> {layout} in {info['write_s']:.0f} s", flush=True)
 
