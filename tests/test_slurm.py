@@ -78,7 +78,7 @@ def wait_for(condition, what: str, timeout_s: float, logs: Path):
 
 
 def job_logs(directory: Path) -> str:
-    return "\n".join(f"--- {p.name}:\n{p.read_text()[-3000:]}" for p in sorted(directory.glob("*.out")))
+    return "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(directory.glob("*.out")))
 
 
 def state(job: str, task: str = "") -> str:
@@ -136,7 +136,7 @@ def test_train_job_killed_and_requeued_equals_eaglecache_train(slurm, tiny_targe
     reference = two_rank_run  # the same run through `eaglecache train` on this machine, outside Slurm
     wait_for(lambda: state(job) in FINISHED, "the requeued job to finish", 600, tmp_path)
     fields = tasks(job)[""]
-    log = (tmp_path / f"eaglecache-train-{job}.out").read_text()
+    log = (tmp_path / f"eaglecache-train-{job}.out").read_text(errors="replace")
     assert (fields["JobState"], fields["Restarts"]) == ("COMPLETED", "1"), log[-3000:]
     total = len(open_cache(tiny_cache).sample_ids) // 2  # global batch 2, one epoch
     assert "2 rank(s) x GA 1" in log
