@@ -95,6 +95,7 @@ def init_distributed(collective_timeout_s: Optional[int] = None) -> tuple[int, i
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if collective_timeout_s is None:
         collective_timeout_s = LauncherConfig().collective_timeout_s
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", timeout=timedelta(seconds=collective_timeout_s))
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo",
+                               timeout=timedelta(seconds=collective_timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return rank, world, torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
