@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from eaglecache.data.config import DataConfig
 from eaglecache.errors import UserError
@@ -123,6 +123,10 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    # the settings resolved here from null: with_overrides gives them null again, so that an override of what
+    # they follow (a grid's train.draft.family) resolves them anew
+    _resolved_from_null: set = PrivateAttr(default_factory=set)
+
     @model_validator(mode="after")
     def _resolve_ttt_length(self):
         """train.ttt_length null: 7 for sequential families; for the parallel ones the slots vLLM serves. Resolved
@@ -130,6 +134,7 @@ class Config(Section):
         if self.train.ttt_length is None:
             parallel = self.train.draft.family in PARALLEL_FAMILIES
             self.train.ttt_length = self.serve.num_speculative_tokens if parallel else SEQUENTIAL_TTT_LENGTH
+            self._resolved_from_null.add(("train", "ttt_length"))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,4 +253,7 @@ def _legacy_run_defaults(tree: dict, path: Path) -> dict:
 
 def with_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """``config`` with dotted overrides applied and validated, as if they had been given after its own."""
-    return _validate(config.to_dict(), overrides, "override")
+    tree = config.to_dict()
+    for section, key in config._resolved_from_null:
+        tree[section][key] = None
+    return _validate(tree, overrides, "override")

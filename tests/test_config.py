@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eaglecache.cli import build_parser, main
-from eaglecache.config import DEFAULT_CONFIG, load_config
+from eaglecache.config import DEFAULT_CONFIG, load_config, with_overrides
 from eaglecache.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,3 +255,14 @@ def test_parallel_families_train_as_many_slots_as_are_served_and_eagle3_keeps_it
         assert load_config(None, [f"train.draft.family={family}", "serve.num_speculative_tokens=5"]).train.ttt_length == 5
         assert load_config(None, [f"train.draft.family={family}", "train.ttt_length=7"]).train.ttt_length == 7
     assert load_config(None, ["train.draft.family=eagle3.1", "serve.num_speculative_tokens=5"]).train.ttt_length == 7
+
+
+def test_an_override_of_the_family_resolves_a_null_ttt_length_anew():
+    """ablate's grid applies `train.draft.family=peagle` to a loaded (resolved) base config: the slots follow the
+    new family, as they do when the same overrides are given at once; an explicit depth stays."""
+    base = load_config(None)
+    assert base.train.ttt_length == 7
+    peagle = with_overrides(base, ["train.draft.family=peagle"])
+    assert peagle.train.ttt_length == 3 == load_config(None, ["train.draft.family=peagle"]).train.ttt_length
+    assert with_overrides(peagle, ["train.draft.family=eagle3"]).train.ttt_length == 7
+    assert with_overrides(load_config(None, ["train.ttt_length=5"]), ["train.draft.family=peagle"]).train.ttt_length == 5
