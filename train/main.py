@@ -26,7 +26,6 @@ from eaglecache.errors import UserError
 from eaglecache.formats import run as run_format
 from eaglecache.train import peer_loss
 from eaglecache.train.config import PARALLEL_FAMILIES
-from eaglecache.train.peer_loss import PEER_LOST_EXIT
 
 log = logging.getLogger("eaglecache.train")
 
@@ -239,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {line}; start the job again (Slurm: scontrol requeue) to resume from the last checkpoint "
                   f"in {run_dir / run_format.CHECKPOINTS}", file=sys.stderr)
         # the process group is broken: tearing it down would wait on the peer that is gone
-        exit_without_teardown(PEER_LOST_EXIT)
+        exit_without_teardown(peer_loss.PEER_LOST_EXIT)
     # Only on success: after a failure other ranks may still be inside a collective, and destroying the
     # group would hang (torchtitan #1342).
     torch.distributed.destroy_process_group()
