@@ -64,10 +64,7 @@ def describe(exc: BaseException, hosts: list[list[str]], timeout_s: int) -> Opti
     reason, address = _REASON.search(text), _ADDRESS.search(text)
     if reason and address:
         address, reason = address.group(1), reason.group(0).lower()
-        lost = {entry[0]: [] for entry in hosts if address in entry[1:]}
-        for rank, entry in enumerate(hosts):
-            if entry[0] in lost:
-                lost[entry[0]].append(rank)
+        lost = {name: ranks for name, ranks in nodes_of(hosts).items() if address in hosts[ranks[0]][1:]}
         if lost:
             names = ", ".join(f"{name} ({_ranks(ranks)})" for name, ranks in lost.items())
             return f"lost node {names}: {address} {reason}"
