@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.config:  # started under `deepspeed`/`torchrun` directly: resolve the config here
             from eaglecache.train.launch import resolve_config, write_run_config
 
-            config = resolve_config(load_config(args.config, args.overrides))
+            config = resolve_config(settings)
             if rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_run_config(config, run_dir)
