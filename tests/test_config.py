@@ -266,3 +266,18 @@ def test_an_override_of_the_family_resolves_a_null_ttt_length_anew():
     assert peagle.train.ttt_length == 3 == load_config(None, ["train.draft.family=peagle"]).train.ttt_length
     assert with_overrides(peagle, ["train.draft.family=eagle3"]).train.ttt_length == 7
     assert with_overrides(load_config(None, ["train.ttt_length=5"]), ["train.draft.family=peagle"]).train.ttt_length == 5
+
+
+def test_the_demo_trains_its_measured_best_family_unless_the_user_chose_one(tmp_path):
+    from eaglecache.serve.cli import DEMO_FAMILY, demo_config
+
+    assert DEMO_FAMILY != load_config(None).train.draft.family  # the packaged config keeps EAGLE3
+    chosen = demo_config(load_config(None), None, [])
+    assert chosen.train.draft.family == DEMO_FAMILY and chosen.train.ttt_length == 7
+    for family in ("eagle3", "dflash"):
+        overrides = [f"train.draft.family={family}"]
+        assert demo_config(load_config(None, overrides), None, overrides).train.draft.family == family
+    own = tmp_path / "mine.yaml"
+    own.write_text("train:\n  draft:\n    family: peagle\n")
+    assert demo_config(load_config(own), str(own), []).train.draft.family == "peagle"
+    assert demo_config(load_config("tiny"), "tiny", []).train.draft.family == "eagle3"  # a config named: its own
