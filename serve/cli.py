@@ -71,8 +71,9 @@ def register(subparsers) -> None:
     p.add_argument("--host", default=None, help="Address to bind (default serve.host, loopback).")
     p = add_command(subparsers, "demo", _demo,
                     "End to end on the embedded tiny target: data, regenerate, precompute, train, export, bench.",
-                    description="End to end on the embedded tiny target: data, regenerate, precompute, train, export, "
-                    f"bench. Trains EAGLE 3.1 (train.draft.family={DEMO_FAMILY}: the family that measured best at the demo's "
-                    "budget, see README) unless --config or a train.draft.family=... override names the family.")
+                    description="End to end on the embedded tiny target: data, regenerate, precompute, train, "
+                    f"export, bench. Trains EAGLE 3.1 (train.draft.family={DEMO_FAMILY}: the family that measured "
+                    "best at the demo's budget, see README) unless --config or a train.draft.family=... override "
+                    "names the family.")
     p.add_argument("--output", required=True, metavar="DIR", help="Working directory for every stage's output.")
     outputs.add_overwrite_flag(p)
