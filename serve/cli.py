@@ -33,9 +33,9 @@ DEMO_FAMILY = "eagle3.1"
 
 def demo_config(config, config_path, overrides):
     """The demo's config: ``DEMO_FAMILY`` unless the config file or an override chose the family."""
-    from eaglecache.config import with_overrides
+    from eaglecache.config import parse_override, with_overrides
 
-    if config_path is None and not any(o.startswith("train.draft.family=") for o in overrides):
+    if config_path is None and all(parse_override(o)[0] != "train.draft.family" for o in overrides):
         return with_overrides(config, [f"train.draft.family={DEMO_FAMILY}"])
     return config
 

@@ -275,8 +275,8 @@ def test_the_demo_trains_its_measured_best_family_unless_the_user_chose_one(tmp_
     chosen = demo_config(load_config(None), None, [])
     assert chosen.train.draft.family == DEMO_FAMILY and chosen.train.ttt_length == 7
     for family in ("eagle3", "dflash"):
-        overrides = [f"train.draft.family={family}"]
-        assert demo_config(load_config(None, overrides), None, overrides).train.draft.family == family
+        for overrides in ([f"train.draft.family={family}"], [f"train.draft.family ={family}"]):  # as the config reads it
+            assert demo_config(load_config(None, overrides), None, overrides).train.draft.family == family
     own = tmp_path / "mine.yaml"
     own.write_text("train:\n  draft:\n    family: peagle\n")
     assert demo_config(load_config(own), str(own), []).train.draft.family == "peagle"
